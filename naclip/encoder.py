@@ -1,0 +1,158 @@
+"""Neighbour-aware dense CLIP image encoder (NACLIP, Sec. 3): embed → blocks 1..L-1 → modified block L → project."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from naclip.attention import (
+    AttentionVariant,
+    attend,
+    attention_weights,
+    check_sigma,
+    gaussian_prior,
+    get_attention,
+)
+
+ARCHS: dict[str, str] = {
+    "vanilla": "Z = Z + SA(LN1(Z)); Z = Z + MLP(LN2(Z)): CLIP's block",
+    "reduced": "Z = SA(LN1(Z)): no residual, no feed-forward (paper eq. 16)",
+}
+
+
+def list_archs() -> list[str]:
+    return list(ARCHS)
+
+
+def check_images(images: Tensor, patch: tuple[int, int]) -> None:
+    """Raise a ValueError unless images is a float (B, 3, H, W) batch of at least one patch."""
+    if not isinstance(images, Tensor) or images.ndim != 4 or images.shape[1] != 3:
+        shape = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
+        raise ValueError(f"images must be a (B, 3, H, W) tensor, got {shape}")
+    if images.shape[-2] < patch[0] or images.shape[-1] < patch[1]:
+        raise ValueError(f"images of size {tuple(images.shape[-2:])} are smaller than one patch {patch}")
+    if not images.is_floating_point():
+        raise ValueError(f"images must be normalized float tensors, got dtype {images.dtype}")
+
+
+class DenseEncoder(nn.Module):
+    """Projected patch features of an open_clip ViT with NACLIP's last block.
+
+    The wrapped model is never modified: the last block is re-run from its own weights, so
+    ``model.encode_image`` keeps its behaviour.
+
+    Args:
+        model: an open_clip CLIP model (see :func:`naclip.load_clip`) with a ViT image tower.
+        attention: "vanilla", "kk_sim", "n_only" or "full" (NACLIP).
+        arch: "vanilla" (CLIP's last block) or "reduced" (no residual, no FFN).
+        sigma: standard deviation of the Gaussian prior in patches (used by "n_only" and "full").
+
+    Example:
+        >>> enc = DenseEncoder(load_clip("ViT-B-16"), attention="full", arch="reduced")
+        >>> feats = enc(torch.randn(1, 3, 224, 224))  # (1, 14, 14, 512)
+    """
+
+    def __init__(
+        self, model: nn.Module, attention: str = "full", arch: str = "reduced", sigma: float | None = 5.0
+    ) -> None:
+        super().__init__()
+        visual = getattr(model, "visual", model)
+        needed = ("conv1", "class_embedding", "positional_embedding", "transformer", "ln_post", "proj")
+        if any(not hasattr(visual, n) for n in needed) or getattr(visual, "attn_pool", None) is not None:
+            raise ValueError(f"{type(visual).__name__} is not an open_clip VisionTransformer with a class token")
+        if arch not in ARCHS:
+            raise ValueError(f"unknown arch {arch!r}; valid choices: {list_archs()}")
+        self.variant: AttentionVariant = get_attention(attention)
+        self.sigma = check_sigma(sigma) if self.variant.uses_sigma else None
+        self.arch = arch
+        self.visual = visual
+        self.patch_size: tuple[int, int] = tuple(visual.conv1.kernel_size)  # type: ignore[assignment]
+        self.num_heads: int = visual.transformer.resblocks[-1].attn.num_heads
+        self._pos_cache: dict[tuple[int, int, torch.dtype, torch.device], Tensor] = {}
+
+    @property
+    def attention(self) -> str:
+        return self.variant.name
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.visual.conv1.weight.dtype
+
+    def extra_repr(self) -> str:
+        return f"attention={self.attention}, arch={self.arch}, sigma={self.sigma}, patch={self.patch_size}"
+
+    def position_embedding(self, grid: tuple[int, int]) -> Tensor:
+        """Position embeddings (1 + rows·cols, C), bicubically resized to exactly `grid` (no antialiasing)."""
+        pos = self.visual.positional_embedding
+        key = (grid[0], grid[1], pos.dtype, pos.device)
+        if key not in self._pos_cache:
+            base = tuple(self.visual.grid_size)
+            if tuple(grid) == base:
+                self._pos_cache[key] = pos
+            else:
+                cls_pos, patch_pos = pos[:1], pos[1:]
+                patch_pos = patch_pos.reshape(1, base[0], base[1], -1).permute(0, 3, 1, 2).float()
+                patch_pos = F.interpolate(patch_pos, size=grid, mode="bicubic", align_corners=False)
+                patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(grid[0] * grid[1], -1).to(pos.dtype)
+                self._pos_cache[key] = torch.cat([cls_pos, patch_pos])
+        return self._pos_cache[key]
+
+    def embed(self, images: Tensor) -> tuple[Tensor, tuple[int, int]]:
+        """Patch + class token embedding with resized positions and the pre-norm: (B, 1+N, C)."""
+        check_images(images, self.patch_size)
+        visual = self.visual
+        x = visual.conv1(images.to(self.dtype))  # (B, C, rows, cols)
+        grid = (x.shape[-2], x.shape[-1])
+        x = x.flatten(2).transpose(1, 2)  # (B, N, C)
+        cls = visual.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
+        x = torch.cat([cls, x], dim=1) + self.position_embedding(grid).to(x.dtype)  # (B, 1+N, C)
+        return visual.ln_pre(visual.patch_dropout(x)), grid
+
+    def trunk(self, x: Tensor) -> Tensor:
+        """All encoder blocks but the last, unchanged (batch-first in and out)."""
+        transformer = self.visual.transformer
+        batch_first = getattr(transformer, "batch_first", True)
+        x = x if batch_first else x.transpose(0, 1)
+        for block in transformer.resblocks[:-1]:
+            x = block(x)
+        return x if batch_first else x.transpose(0, 1)
+
+    def qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Per-head q, k, v (B, h, N, d) of the last block from its input Z^(L-1)."""
+        attn = self.visual.transformer.resblocks[-1].attn
+        block = self.visual.transformer.resblocks[-1]
+        b, n, c = x.shape
+        qkv = F.linear(block.ln_1(x), attn.in_proj_weight, attn.in_proj_bias)  # (B, N, 3C)
+        qkv = qkv.reshape(b, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
+        return qkv[0], qkv[1], qkv[2]
+
+    def prior(self, grid: tuple[int, int], x: Tensor) -> Tensor | None:
+        if self.sigma is None:
+            return None
+        return gaussian_prior(grid, self.sigma, device=x.device, dtype=x.dtype)
+
+    def last_block(self, x: Tensor, grid: tuple[int, int]) -> Tensor:
+        """NACLIP's last block: modified self-attention, then CLIP's or the reduced architecture."""
+        block = self.visual.transformer.resblocks[-1]
+        q, k, v = self.qkv(x)
+        out = attend(self.variant, q, k, v, self.prior(grid, x))  # (B, h, N, d)
+        out = block.attn.out_proj(out.transpose(1, 2).reshape(x.shape))  # (B, N, C)
+        if self.arch == "reduced":
+            return out
+        x = x + block.ls_1(out)
+        return x + block.ls_2(block.mlp(block.ln_2(x)))
+
+    def forward(self, images: Tensor) -> Tensor:
+        """Projected, unnormalized patch features (B, H//p, W//p, D) of normalized images (B, 3, H, W)."""
+        x, grid = self.embed(images)
+        x = self.last_block(self.trunk(x), grid)
+        x = self.visual.ln_post(x) @ self.visual.proj  # (B, 1+N, D)
+        return x[:, 1:].reshape(x.shape[0], grid[0], grid[1], -1)
+
+    def attention_weights(self, images: Tensor) -> tuple[Tensor, tuple[int, int]]:
+        """Last-block attention probabilities (B, h, 1+N, 1+N) of this variant, and the patch grid."""
+        x, grid = self.embed(images)
+        x = self.trunk(x)
+        q, k, _ = self.qkv(x)
+        return attention_weights(self.variant, q, k, self.prior(grid, x)), grid

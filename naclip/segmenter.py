@@ -1,0 +1,199 @@
+"""Open-vocabulary segmentation with NACLIP: dense features → cosine logits → (slide) → softmax → labels."""
+
+from __future__ import annotations
+
+import os
+from collections import defaultdict
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from naclip.encoder import DenseEncoder, check_images
+from naclip.pamr import PAMR
+from naclip.text import Template, text_classifier
+
+Window = tuple[int, int, int, int]  # y1, y2, x1, x2
+
+
+def slide_windows(height: int, width: int, crop: int, stride: int) -> list[Window]:
+    """Windows of mmsegmentation's "slide" inference: the last one on each axis is shifted back inside."""
+    if crop <= 0 or stride <= 0:
+        raise ValueError(f"slide crop and stride must be positive, got crop={crop}, stride={stride}")
+    rows = max(height - crop + stride - 1, 0) // stride + 1
+    cols = max(width - crop + stride - 1, 0) // stride + 1
+    windows = []
+    for r in range(rows):
+        for c in range(cols):
+            y2, x2 = min(r * stride + crop, height), min(c * stride + crop, width)
+            windows.append((max(y2 - crop, 0), y2, max(x2 - crop, 0), x2))
+    return windows
+
+
+def normalize_class_names(class_names: Sequence[Sequence[str] | str]) -> list[list[str]]:
+    """Accept ["cat", ["person", "person in shirt"], "dog, puppy"]: class i → its list of names."""
+    if isinstance(class_names, str) or len(class_names) == 0:
+        raise ValueError(f"class_names must be a non-empty list, got {class_names!r}")
+    classes = []
+    for i, entry in enumerate(class_names):
+        names = [n.strip() for n in entry.split(",")] if isinstance(entry, str) else [str(n).strip() for n in entry]
+        if not names or any(not n for n in names):
+            raise ValueError(f"class {i} has an empty name: {entry!r}")
+        classes.append(names)
+    return classes
+
+
+class Segmenter(nn.Module):
+    """NACLIP segmenter: one image in, one label map out, no dataset machinery.
+
+    Args:
+        model: open_clip CLIP model (see :func:`naclip.load_clip`).
+        class_names: class i → list of its names (synonyms); a plain "a, b" string also works.
+        attention, arch, sigma: see :class:`naclip.DenseEncoder`.
+        slide_crop, slide_stride: sliding-window size and stride in pixels; slide_crop=0 = whole image.
+        logit_scale: temperature of the softmax over query names.
+        prob_thd: pixels whose best class probability is below it become class 0 (background).
+        pamr: refine the logits with PAMR before the softmax.
+        templates: prompt templates, default the 80 OpenAI ones.
+        pamr_steps, pamr_dilations: PAMR iterations and dilations.
+        crop_batch_size: sliding-window crops per encoder forward.
+        cache_dir: on-disk cache of text classifiers (None = no cache).
+
+    Images given to every method are CLIP-normalized float tensors (B, 3, H, W).
+
+    Example:
+        >>> seg = Segmenter(load_clip("ViT-B-16", "openai"), [["sky"], ["tree"], ["car"]])
+        >>> labels = seg.predict(images)  # (B, H, W) int64
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        class_names: Sequence[Sequence[str] | str],
+        attention: str = "full",
+        arch: str = "reduced",
+        sigma: float | None = 5.0,
+        slide_crop: int = 224,
+        slide_stride: int = 112,
+        logit_scale: float = 40.0,
+        prob_thd: float = 0.0,
+        pamr: bool = False,
+        templates: Sequence[Template] | None = None,
+        *,
+        pamr_steps: int = 10,
+        pamr_dilations: Sequence[int] = (8, 16),
+        crop_batch_size: int = 64,
+        cache_dir: str | os.PathLike | None = None,
+    ) -> None:
+        super().__init__()
+        if slide_crop < 0 or (slide_crop > 0 and slide_stride <= 0):
+            raise ValueError(f"slide_crop must be >= 0 and slide_stride > 0, got {slide_crop}, {slide_stride}")
+        if crop_batch_size < 1:
+            raise ValueError(f"crop_batch_size must be >= 1, got {crop_batch_size}")
+        self.encoder = DenseEncoder(model, attention=attention, arch=arch, sigma=sigma)
+        self.class_names = normalize_class_names(class_names)
+        self.query_names = [name for names in self.class_names for name in names]
+        query_class = [c for c, names in enumerate(self.class_names) for _ in names]
+        self.register_buffer("query_class", torch.tensor(query_class), persistent=False)
+        classifier = text_classifier(model, self.query_names, templates, cache_dir=cache_dir)
+        self.register_buffer("classifier", classifier, persistent=False)  # (Q, D)
+        self.slide_crop, self.slide_stride = int(slide_crop), int(slide_stride)
+        self.logit_scale, self.prob_thd = float(logit_scale), float(prob_thd)
+        self.pamr = PAMR(pamr_steps, tuple(pamr_dilations)) if pamr else None
+        self.crop_batch_size = int(crop_batch_size)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def _patch_logits(self, crops: Tensor) -> Tensor:
+        """Cosine logits (n, Q, h, w) at the crops' own size."""
+        feats = F.normalize(self.encoder(crops).float(), dim=-1)  # (n, rows, cols, D)
+        logits = (feats @ self.classifier.float().T).permute(0, 3, 1, 2)  # (n, Q, rows, cols)
+        return F.interpolate(logits, size=crops.shape[-2:], mode="bilinear", align_corners=False)
+
+    def _encode_grouped(self, crops: list[Tensor]) -> list[Tensor]:
+        """Logits of many crops, batched by shape in chunks of crop_batch_size; order preserved."""
+        out: list[Tensor | None] = [None] * len(crops)
+        by_shape: dict[tuple[int, int], list[int]] = defaultdict(list)
+        for i, crop in enumerate(crops):
+            by_shape[tuple(crop.shape[-2:])].append(i)
+        for indices in by_shape.values():
+            for start in range(0, len(indices), self.crop_batch_size):
+                chunk = indices[start : start + self.crop_batch_size]
+                logits = self._patch_logits(torch.stack([crops[i] for i in chunk]))
+                for i, lg in zip(chunk, logits, strict=True):
+                    out[i] = lg
+        return out  # type: ignore[return-value]
+
+    @torch.no_grad()
+    def logits_list(self, images: Sequence[Tensor]) -> list[Tensor]:
+        """Cosine logits (Q, H, W) for images of any sizes, all their crops encoded together."""
+        for image in images:
+            check_images(image[None], self.encoder.patch_size)
+        if self.slide_crop == 0:
+            return self._encode_grouped(list(images))
+        crops, owners = [], []
+        for idx, image in enumerate(images):
+            for win in slide_windows(image.shape[-2], image.shape[-1], self.slide_crop, self.slide_stride):
+                crops.append(image[:, win[0] : win[1], win[2] : win[3]])
+                owners.append((idx, win))
+        crop_logits = self._encode_grouped(crops)
+        q = len(self.query_names)
+        sums = [image.new_zeros((q, *image.shape[-2:]), dtype=torch.float32) for image in images]
+        counts = [image.new_zeros(image.shape[-2:], dtype=torch.float32) for image in images]
+        for (idx, (y1, y2, x1, x2)), lg in zip(owners, crop_logits, strict=True):
+            sums[idx][:, y1:y2, x1:x2] += lg
+            counts[idx][y1:y2, x1:x2] += 1
+        return [s / c for s, c in zip(sums, counts, strict=True)]
+
+    def logits(self, images: Tensor) -> Tensor:
+        """Per-query cosine logits (B, Q, H, W) at input size."""
+        check_images(images, self.encoder.patch_size)
+        return torch.stack(self.logits_list(list(images)))
+
+    @torch.no_grad()
+    def _class_probs(self, image: Tensor, logits: Tensor, out_size: tuple[int, int] | None) -> Tensor:
+        """(C, H', W') probabilities from one image's (Q, H, W) logits: resize, PAMR, softmax, synonym max."""
+        logits = logits[None]
+        if out_size is not None and tuple(out_size) != tuple(logits.shape[-2:]):
+            logits = F.interpolate(logits, size=tuple(out_size), mode="bilinear", align_corners=False)
+        if self.pamr is not None:
+            img = F.interpolate(image[None].float(), size=logits.shape[-2:], mode="bilinear", align_corners=False)
+            logits = self.pamr(img, logits)
+        probs = (self.logit_scale * logits[0]).softmax(dim=0)  # (Q, H', W')
+        if len(self.query_names) == self.num_classes:
+            return probs
+        index = self.query_class[:, None, None].expand_as(probs)
+        out = probs.new_zeros((self.num_classes, *probs.shape[-2:]))
+        return out.scatter_reduce_(0, index, probs, reduce="amax", include_self=False)  # (C, H', W')
+
+    def _labels(self, probs: Tensor) -> Tensor:
+        best, labels = probs.max(dim=0)
+        labels[best < self.prob_thd] = 0
+        return labels
+
+    @torch.no_grad()
+    def predict_list(
+        self, images: Sequence[Tensor], out_sizes: Sequence[tuple[int, int] | None] | None = None
+    ) -> list[Tensor]:
+        """Label maps (H', W') int64 for images of any sizes, crops of all images batched together."""
+        out_sizes = list(out_sizes) if out_sizes is not None else [None] * len(images)
+        if len(out_sizes) != len(images):
+            raise ValueError(f"got {len(images)} images but {len(out_sizes)} output sizes")
+        logits = self.logits_list(images)
+        return [
+            self._labels(self._class_probs(im, lg, size)) for im, lg, size in zip(images, logits, out_sizes, strict=True)
+        ]
+
+    @torch.no_grad()
+    def probs(self, images: Tensor, out_size: tuple[int, int] | None = None) -> Tensor:
+        """Class probabilities (B, C, H', W'): softmax over query names, max over each class's synonyms."""
+        logits = self.logits(images)
+        return torch.stack([self._class_probs(im, lg, out_size) for im, lg in zip(images, logits, strict=True)])
+
+    @torch.no_grad()
+    def predict(self, images: Tensor, out_size: tuple[int, int] | None = None) -> Tensor:
+        """Label maps (B, H', W') int64; below prob_thd → class 0."""
+        return torch.stack([self._labels(p) for p in self.probs(images, out_size)])

@@ -1,0 +1,456 @@
+"""Rebuild Tables 1–4 of the NACLIP paper (and the σ sweep plot) from finished evaluation results.
+
+Results come from a :class:`ResultSource`: local ``result.json`` files written by each evaluation job, or
+finished W&B runs converted to the same dict form. Each table row is selected by the run's Hydra
+``choices`` (plus ``config.attention.sigma``); when several results fill the same cell the newest
+(``finished_at``) wins.
+
+CLI::
+
+    python -m naclip.tables --source local outputs/ [--out tables/]
+    python -m naclip.tables --source wandb ENTITY/PROJECT
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import sys
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Protocol, TypeVar
+
+# Dataset option -> column header, in the paper's column order.
+DATASET_COLUMNS: dict[str, str] = {
+    "voc21": "V21",
+    "pc60": "PC60",
+    "coco_object": "C-Obj",
+    "voc20": "V20",
+    "cityscapes": "City",
+    "pc59": "PC59",
+    "ade": "ADE",
+    "coco_stuff": "C-Stf",
+}
+# Backbone option -> header prefix used by Table 2.
+BACKBONE_HEADERS: dict[str, str] = {"b16": "B/16", "b32": "B/32", "l14": "L/14"}
+# Datasets Table 2 reports per backbone.
+TABLE2_DATASETS: tuple[str, ...] = ("voc21", "pc59")
+DEFAULT_SIGMA = 5.0
+# The configuration whose σ is swept (NACLIP without PAMR on ViT-B/16).
+SIGMA_SWEEP_CHOICES: dict[str, str] = {
+    "backbone": "b16",
+    "attention": "full",
+    "arch": "reduced",
+    "refine": "none",
+}
+MISSING = "–"
+
+# ---------------------------------------------------------------------------------------------------------
+# PUBLISHED REFERENCE VALUES — mIoU (%) as printed in Hajimiri et al., "Pay Attention to Your Neighbours:
+# Training-Free Open-Vocabulary Semantic Segmentation" (NACLIP), WACV 2025. These are the paper's numbers,
+# shown beside measured rows for comparison; they are NOT results of this framework. The Avg columns are
+# derived from these values the same way as for measured rows (they match the paper's printed averages).
+# ---------------------------------------------------------------------------------------------------------
+_PAPER_VANILLA_CLIP = (18.6, 7.8, 6.5, 49.1, 6.7, 11.2, 3.2, 5.7)
+PAPER_RESULTS: dict[str, dict[str, tuple[float, ...]]] = {
+    # Tables 1, 3, 4: values in DATASET_COLUMNS order.
+    "table1": {
+        "none": (58.9, 32.2, 33.2, 79.7, 35.5, 35.2, 17.4, 23.3),
+        "pamr": (64.1, 35.0, 36.2, 83.0, 38.3, 38.4, 19.1, 25.7),
+    },
+    # Table 2: (V21, PC59) per backbone, refine pamr.
+    "table2": {"b16": (64.1, 38.4), "b32": (54.8, 34.9), "l14": (57.9, 36.4)},
+    "table3": {
+        "vanilla": _PAPER_VANILLA_CLIP,
+        "n_only": (38.0, 17.0, 16.1, 65.9, 21.4, 23.9, 10.2, 14.6),
+        "kk_sim": (36.0, 15.6, 10.9, 64.9, 24.8, 26.2, 9.6, 15.1),
+        "full": (40.2, 17.4, 13.9, 68.2, 28.1, 27.9, 11.2, 16.5),
+    },
+    "table4": {
+        "vanilla": _PAPER_VANILLA_CLIP,
+        "reduced": (37.5, 22.3, 23.2, 81.4, 20.2, 24.9, 11.6, 16.7),
+    },
+}
+
+Cell = float | None
+_K = TypeVar("_K")
+
+
+@dataclass
+class Table:
+    """A results table: labelled rows of mIoU values (``None`` = not measured) under value columns."""
+
+    title: str
+    columns: list[str]
+    rows: list[tuple[str, list[Cell]]] = field(default_factory=list)
+    label_header: str = "Method"
+
+    def value(self, row: str, column: str) -> Cell:
+        """Look up one cell by row label and column header (KeyError if either is unknown)."""
+        for label, values in self.rows:
+            if label == row:
+                return values[self.columns.index(column)]
+        raise KeyError(f"no row {row!r} in table {self.title!r}; rows: {[r for r, _ in self.rows]}")
+
+    def formatted_rows(self) -> list[list[str]]:
+        """Rows as display strings: values with 1 decimal, missing cells as ``–``."""
+        return [[label, *(_fmt(v) for v in values)] for label, values in self.rows]
+
+    def to_markdown(self) -> str:
+        """Render as a GitHub-flavoured markdown table (without the title)."""
+        header = [self.label_header, *self.columns]
+        lines = [
+            "| " + " | ".join(header) + " |",
+            "|" + "---|" + "---:|" * len(self.columns),
+        ]
+        lines += ["| " + " | ".join(row) + " |" for row in self.formatted_rows()]
+        return "\n".join(lines)
+
+    def to_csv(self, path: str | Path) -> Path:
+        """Write the table as CSV with the same display strings as the markdown (``–`` for missing)."""
+        path = Path(path)
+        with path.open("w", newline="", encoding="utf-8") as fh:
+            writer = csv.writer(fh)
+            writer.writerow([self.label_header, *self.columns])
+            writer.writerows(self.formatted_rows())
+        return path
+
+
+def _fmt(value: Cell) -> str:
+    return MISSING if value is None else f"{value:.1f}"
+
+
+def _mean_if_complete(values: Sequence[Cell]) -> Cell:
+    """Average only when every value is measured; a partial mean would not be comparable to the paper."""
+    measured = [v for v in values if v is not None]
+    return sum(measured) / len(values) if measured and len(measured) == len(values) else None
+
+
+# ------------------------------------------------------------------------------------------------ sources
+class ResultSource(Protocol):
+    """Anything that yields evaluation results as dicts in ``result.json`` form."""
+
+    def results(self) -> list[dict]: ...
+
+
+def _warn(message: str) -> None:
+    print(f"naclip.tables: warning: {message}", file=sys.stderr)
+
+
+def _is_usable(result: Any) -> bool:
+    """A result needs its choices and a numeric mIoU to be placed in a table."""
+    return (
+        isinstance(result, dict)
+        and isinstance(result.get("choices"), dict)
+        and isinstance(result.get("miou"), int | float)
+    )
+
+
+class LocalSource:
+    """Reads every ``result.json`` below ``root`` (recursively), skipping unreadable or partial files."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise ValueError(f"result directory {str(self.root)!r} does not exist; pass the Hydra output dir")
+
+    def results(self) -> list[dict]:
+        found = []
+        for path in sorted(self.root.rglob("result.json")):
+            try:
+                data = json.loads(path.read_text(encoding="utf-8"))
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+                _warn(f"skipping unreadable {path}: {type(err).__name__}")
+                continue
+            if not _is_usable(data):
+                _warn(f"skipping {path}: no 'choices' dict or numeric 'miou'")
+                continue
+            found.append(data)
+        return found
+
+
+class WandbSource:
+    """Reads the finished runs of a W&B project and converts them to ``result.json`` form."""
+
+    def __init__(self, path: str, api: Any = None) -> None:
+        parts = path.split("/")
+        if len(parts) != 2 or not all(parts):
+            raise ValueError(f"W&B location {path!r} must look like ENTITY/PROJECT")
+        self.path = path
+        self._api = api
+
+    def results(self) -> list[dict]:
+        try:
+            api = self._api
+            if api is None:
+                import wandb
+
+                api = wandb.Api()
+            runs = list(api.runs(self.path, filters={"state": "finished"}))
+        except Exception as err:  # login/network/project errors surface as one line, not a traceback
+            first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            raise ValueError(f"could not list W&B runs of {self.path!r}: {first_line}") from err
+        found = []
+        for run in runs:
+            if getattr(run, "state", None) != "finished":
+                continue
+            result = run_to_result(run)
+            if _is_usable(result):
+                found.append(result)
+            else:
+                _warn(f"skipping W&B run {getattr(run, 'name', '?')!r}: no 'choices' or numeric 'miou'")
+        return found
+
+
+def run_to_result(run: Any) -> dict:
+    """Convert one W&B run (``.config``, ``.summary``) into the ``result.json`` dict form."""
+    config = dict(run.config)
+    summary = dict(run.summary.items())
+    result: dict[str, Any] = {
+        "choices": config.get("choices"),
+        "config": config.get("config", {}),
+        "overrides": config.get("overrides", []),
+        "per_class_iou": {k.removeprefix("iou/"): v for k, v in summary.items() if k.startswith("iou/")},
+    }
+    for key in ("miou", "pixel_acc", "num_images", "images_per_sec", "seconds", "finished_at"):
+        result[key] = summary.get(key)
+    return result
+
+
+def load_source(kind: str, location: str) -> ResultSource:
+    """Create a result source by kind name.
+
+    Args:
+        kind: ``"local"`` (``location`` = directory) or ``"wandb"`` (``location`` = ``ENTITY/PROJECT``).
+    Raises:
+        ValueError: unknown kind, missing directory or malformed W&B path.
+    Example:
+        >>> load_source("local", "outputs").results()  # doctest: +SKIP
+    """
+    if kind == "local":
+        return LocalSource(location)
+    if kind == "wandb":
+        return WandbSource(location)
+    raise ValueError(f"unknown source {kind!r}; valid sources: local, wandb")
+
+
+# -------------------------------------------------------------------------------------------------- tables
+def _sigma(result: Mapping[str, Any]) -> float:
+    attention = (result.get("config") or {}).get("attention") or {}
+    sigma = attention.get("sigma")
+    return DEFAULT_SIGMA if sigma is None else float(sigma)
+
+
+def _finished_at(result: Mapping[str, Any]) -> datetime:
+    """Parse ``finished_at`` for newest-wins; missing or unparsable stamps count as oldest."""
+    stamp = result.get("finished_at")
+    try:
+        moment = datetime.fromisoformat(str(stamp).replace("Z", "+00:00"))
+    except ValueError:
+        return datetime.min.replace(tzinfo=timezone.utc)
+    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
+
+
+def _matches(result: Mapping[str, Any], choices: Mapping[str, str]) -> bool:
+    picked = result["choices"]
+    return all(picked.get(key) == want for key, want in choices.items())
+
+
+def _newest_by(results: Iterable[dict], key: Callable[[dict], _K]) -> dict[_K, dict]:
+    """Group results by ``key`` keeping the newest of each group (later input wins ties)."""
+    best: dict[_K, dict] = {}
+    for result in results:
+        group = key(result)
+        if group not in best or _finished_at(result) >= _finished_at(best[group]):
+            best[group] = result
+    return best
+
+
+def _measured(results: Iterable[dict], choices: Mapping[str, str]) -> dict[str, float]:
+    """Newest σ = 5 mIoU per dataset among the results matching ``choices``."""
+    selected = (r for r in results if _matches(r, choices) and math.isclose(_sigma(r), DEFAULT_SIGMA))
+    newest = _newest_by(selected, lambda r: r["choices"].get("dataset"))
+    return {str(dataset): result["miou"] for dataset, result in newest.items()}
+
+
+@dataclass(frozen=True)
+class _BenchmarkSpec:
+    """An eight-benchmark paper table: the choices all rows share, the option that varies per row, and the
+    row label of each value of that option (in row order; the keys of its ``PAPER_RESULTS`` entry)."""
+
+    title: str
+    fixed: dict[str, str]
+    varies: str
+    labels: dict[str, str]
+
+
+_BENCHMARK_SPECS: dict[str, _BenchmarkSpec] = {
+    "table1": _BenchmarkSpec(
+        "Table 1 — NACLIP on eight benchmarks (ViT-B/16, σ = 5)",
+        {"backbone": "b16", "attention": "full", "arch": "reduced"},
+        "refine",
+        {"none": "NACLIP", "pamr": "NACLIP + PAMR"},
+    ),
+    "table3": _BenchmarkSpec(
+        "Table 3 — attention ablation (ViT-B/16, vanilla architecture, no PAMR, σ = 5)",
+        {"backbone": "b16", "arch": "vanilla", "refine": "none"},
+        "attention",
+        {
+            "vanilla": "CLIP (vanilla)",
+            "n_only": "Neighbourhood only (n_only)",
+            "kk_sim": "Key-key similarity (kk_sim)",
+            "full": "Full NACLIP attention (full)",
+        },
+    ),
+    "table4": _BenchmarkSpec(
+        "Table 4 — architecture ablation (ViT-B/16, vanilla attention, no PAMR, σ = 5)",
+        {"backbone": "b16", "attention": "vanilla", "refine": "none"},
+        "arch",
+        {"vanilla": "Vanilla architecture", "reduced": "Reduced architecture"},
+    ),
+}
+# Table 2: NACLIP + PAMR with one group of columns per backbone.
+_TABLE2_TITLE = "Table 2 — NACLIP + PAMR across CLIP backbones (σ = 5)"
+_TABLE2_CHOICES = {"attention": "full", "arch": "reduced", "refine": "pamr"}
+_TABLE2_LABEL = "NACLIP + PAMR"
+
+
+def _benchmark_row(by_dataset: Mapping[str, float]) -> list[Cell]:
+    """Eight benchmark values (from a dataset->mIoU mapping) plus their complete-only average."""
+    values = [by_dataset.get(name) for name in DATASET_COLUMNS]
+    return [*values, _mean_if_complete(values)]
+
+
+def _benchmark_table(spec: _BenchmarkSpec, results: list[dict], paper: Mapping[str, Sequence[float]]) -> Table:
+    """Eight-benchmark table: each measured row followed by its paper row."""
+    table = Table(spec.title, [*DATASET_COLUMNS.values(), "Avg"])
+    for option, label in spec.labels.items():
+        measured = _measured(results, {**spec.fixed, spec.varies: option})
+        published = dict(zip(DATASET_COLUMNS, paper[option], strict=True))
+        table.rows += [(label, _benchmark_row(measured)), (f"{label} (paper)", _benchmark_row(published))]
+    return table
+
+
+def _table2(results: list[dict]) -> Table:
+    """V21, PC59 and their mean for each backbone, measured row then paper row."""
+    headers = [*(DATASET_COLUMNS[d] for d in TABLE2_DATASETS), "Avg"]
+    columns = [f"{BACKBONE_HEADERS[b]} {header}" for b in BACKBONE_HEADERS for header in headers]
+    measured: list[Cell] = []
+    published: list[Cell] = []
+    for backbone in BACKBONE_HEADERS:
+        by_dataset = _measured(results, {**_TABLE2_CHOICES, "backbone": backbone})
+        values = [by_dataset.get(d) for d in TABLE2_DATASETS]
+        paper_values = PAPER_RESULTS["table2"][backbone]
+        measured += [*values, _mean_if_complete(values)]
+        published += [*paper_values, _mean_if_complete(paper_values)]
+    return Table(_TABLE2_TITLE, columns, [(_TABLE2_LABEL, measured), (f"{_TABLE2_LABEL} (paper)", published)])
+
+
+def build_tables(results: list[dict]) -> dict[str, Table]:
+    """Rebuild Tables 1–4 of the NACLIP paper from results in ``result.json`` form (σ = 5 only).
+
+    Returns:
+        ``{"table1": ..., "table4": ...}``; each measured row is followed by its ``(paper)`` row.
+    Example:
+        >>> print(build_tables(LocalSource("outputs").results())["table1"].to_markdown())  # doctest: +SKIP
+    """
+    tables = {name: _benchmark_table(spec, results, PAPER_RESULTS[name]) for name, spec in _BENCHMARK_SPECS.items()}
+    tables["table2"] = _table2(results)
+    return dict(sorted(tables.items()))
+
+
+# ----------------------------------------------------------------------------------------------- σ sweep
+def sigma_sweep(results: list[dict]) -> dict[str, list[tuple[float, float]]]:
+    """mIoU vs σ per dataset for NACLIP (b16, full attention, reduced arch, no PAMR), σ ascending.
+
+    Datasets follow the paper's column order; for each (dataset, σ) the newest result wins.
+    """
+    selected = (r for r in results if _matches(r, SIGMA_SWEEP_CHOICES))
+    newest = _newest_by(selected, lambda r: (r["choices"].get("dataset"), _sigma(r)))
+    curves: dict[str, list[tuple[float, float]]] = {}
+    for (dataset, sigma), result in newest.items():
+        curves.setdefault(str(dataset), []).append((sigma, result["miou"]))
+    order = [*DATASET_COLUMNS, *sorted(set(curves) - set(DATASET_COLUMNS))]
+    return {dataset: sorted(curves[dataset]) for dataset in order if dataset in curves}
+
+
+def plot_sigma(results: list[dict], path: str | Path) -> Path | None:
+    """Write the mIoU-vs-σ plot (one line per dataset) as PNG; ``None`` with a note when nothing to plot."""
+    curves = sigma_sweep(results)
+    if not curves:
+        print("naclip.tables: note: no σ-sweep results (b16/full/reduced/none); plot skipped", file=sys.stderr)
+        return None
+    # Figure + Agg canvas directly: no pyplot global state, no GUI backend, safe inside notebooks.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6, 4))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    for dataset, points in curves.items():
+        sigmas, mious = zip(*points, strict=True)
+        ax.plot(sigmas, mious, marker="o", label=DATASET_COLUMNS.get(dataset, dataset))
+    ax.set_xlabel("σ (Gaussian neighbourhood)")
+    ax.set_ylabel("mIoU (%)")
+    ax.set_title("NACLIP (ViT-B/16): mIoU vs σ")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------- CLI
+class _UsageError(Exception):
+    """Raised instead of argparse's exit so bad input ends as one stderr line and exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise _UsageError(f"{message} (use --source local DIR or --source wandb ENTITY/PROJECT)")
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    parser = _Parser(prog="python -m naclip.tables", description="Rebuild the NACLIP paper tables.")
+    parser.add_argument(
+        "--source",
+        nargs=2,
+        required=True,
+        metavar=("KIND", "LOCATION"),
+        help="'local DIR' (reads result.json files below DIR) or 'wandb ENTITY/PROJECT'",
+    )
+    parser.add_argument("--out", default="tables", help="output directory (default: ./tables)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Print Tables 1–4 as markdown and write ``table{1..4}.csv`` and ``sigma_sweep.png`` to ``--out``."""
+    try:
+        args = _parse(argv)
+        kind, location = args.source
+        results = load_source(kind, location).results()
+        if not results:
+            raise ValueError(f"no usable results found in {kind} source {location!r}; run evaluations first")
+    except (_UsageError, ValueError) as err:
+        print(f"naclip.tables: error: {err}", file=sys.stderr)
+        return 2
+
+    tables = build_tables(results)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, table in tables.items():
+        print(f"### {table.title}\n\n{table.to_markdown()}\n")
+        table.to_csv(out / f"{name}.csv")
+    plot = plot_sigma(results, out / "sigma_sweep.png")
+    written = ", ".join([*(f"{name}.csv" for name in tables), *([plot.name] if plot else [])])
+    print(f"wrote {written} to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,135 @@
+"""Zero-shot text classifier: prompt-ensembled, normalized class-name embeddings, cached on disk."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import open_clip
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+Template = str | Callable[[str], str]
+OPENAI_TEMPLATES: tuple[Template, ...] = tuple(open_clip.OPENAI_IMAGENET_TEMPLATES)
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("NACLIP_CACHE", Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")) / "naclip"))
+
+
+def _fill(template: Template, name: str) -> str:
+    return template(name) if callable(template) else template.format(name)
+
+
+def _check_names(names: Sequence[str]) -> list[str]:
+    if isinstance(names, str) or len(names) == 0:
+        raise ValueError(f"names must be a non-empty list of class names, got {names!r}")
+    bad = [n for n in names if not isinstance(n, str) or not n.strip()]
+    if bad:
+        raise ValueError(f"class names must be non-empty strings, got {bad[:3]!r}")
+    return list(names)
+
+
+@torch.no_grad()
+def encode_text_trimmed(model: nn.Module, tokens: Tensor) -> Tensor:
+    """Same as ``model.encode_text`` but runs only up to the longest real token sequence of the batch.
+
+    With the causal mask, tokens after a sequence's end-of-text token cannot change that token's output,
+    so dropping the padded tail common to the whole batch is exact (and several times faster).
+    """
+    eot = tokens.argmax(dim=-1)  # the end-of-text id is the largest in the vocabulary
+    length = int(eot.max()) + 1
+    tokens = tokens[:, :length]
+    cast_dtype = model.transformer.get_cast_dtype()
+    x = model.token_embedding(tokens).to(cast_dtype)  # (B, L, W)
+    x = x + model.positional_embedding[:length].to(cast_dtype)
+    x = model.transformer(x, attn_mask=model.attn_mask[:length, :length])
+    x = model.ln_final(x)
+    x = x[torch.arange(x.shape[0], device=x.device), eot]  # (B, W)
+    proj = model.text_projection
+    return proj(x) if isinstance(proj, nn.Linear) else x @ proj
+
+
+def _fingerprint(model: nn.Module) -> str:
+    """Cheap identity of the text tower's weights, so a cache never serves another model's embeddings."""
+    h = hashlib.sha256()
+    for tensor in (model.text_projection, model.ln_final.weight, model.positional_embedding):
+        t = tensor.weight if isinstance(tensor, nn.Linear) else tensor
+        h.update(t.detach().float().cpu().numpy().tobytes())
+    h.update(model.token_embedding.weight[:256].detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _text_model_supported(model: nn.Module) -> bool:
+    needed = ("token_embedding", "positional_embedding", "transformer", "ln_final", "text_projection", "attn_mask")
+    pooled_at_eot = getattr(model, "text_pool_type", "argmax") == "argmax"
+    return pooled_at_eot and all(getattr(model, n, None) is not None for n in needed)
+
+
+@torch.no_grad()
+def text_classifier(
+    model: nn.Module,
+    names: Sequence[str],
+    templates: Sequence[Template] | None = None,
+    *,
+    cache_dir: str | os.PathLike | None = None,
+    tokenizer: Callable[[list[str]], Tensor] | None = None,
+    batch_size: int = 256,
+) -> Tensor:
+    """Prompt-ensembled text embeddings (len(names), D), L2-normalized.
+
+    For each name: the mean of the normalized embeddings of all templates (default: the 80 OpenAI
+    ImageNet templates shipped by open_clip), normalized again.
+
+    Args:
+        model: an open_clip CLIP model.
+        names: query names, e.g. ["person", "person in shirt", "car"].
+        templates: format strings with ``{}`` or callables; default the 80 OpenAI templates.
+        cache_dir: if given, classifiers are stored there keyed by weights, names and templates, and a
+            later call with the same key skips the text tower.
+        tokenizer: defaults to open_clip's CLIP tokenizer with the model's context length.
+        batch_size: prompts per text-tower forward.
+
+    Raises:
+        ValueError: empty name list, an empty name, or no templates.
+    """
+    names = _check_names(names)
+    templates = tuple(OPENAI_TEMPLATES if templates is None else templates)
+    if not templates:
+        raise ValueError("templates must not be empty")
+    prompts_per_name = [[_fill(t, n) for t in templates] for n in names]
+
+    device = model.token_embedding.weight.device
+    cache_file = None
+    if cache_dir is not None:
+        key = json.dumps({"w": _fingerprint(model), "p": prompts_per_name}, sort_keys=True)
+        cache_file = Path(cache_dir).expanduser() / f"text-{hashlib.sha256(key.encode()).hexdigest()[:32]}.pt"
+        if cache_file.is_file():
+            cached = torch.load(cache_file, map_location="cpu", weights_only=True)
+            return cached.to(device)
+
+    context = getattr(model, "context_length", 77)
+    tokenize = tokenizer or (lambda texts: open_clip.tokenize(texts, context_length=context))
+    if _text_model_supported(model):
+        def encode(tokens: Tensor) -> Tensor:
+            return encode_text_trimmed(model, tokens)
+    else:
+        encode = model.encode_text
+    flat = [p for prompts in prompts_per_name for p in prompts]
+    chunks = [
+        F.normalize(encode(tokenize(flat[i : i + batch_size]).to(device)).float(), dim=-1)
+        for i in range(0, len(flat), batch_size)
+    ]
+    emb = torch.cat(chunks).reshape(len(names), len(templates), -1)  # (Q, T, D)
+    classifier = F.normalize(emb.mean(dim=1), dim=-1)  # (Q, D)
+
+    if cache_file is not None:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache_file.with_suffix(f".tmp{os.getpid()}")
+        torch.save(classifier.cpu(), tmp)
+        os.replace(tmp, cache_file)
+    return classifier

@@ -1,0 +1,191 @@
+"""The dense encoder against an independent, equation-by-equation formulation (NACLIP Sec. 3)."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from naclip import DenseEncoder, gaussian_prior
+
+PAIRS = [(a, r) for a in ("vanilla", "kk_sim", "n_only", "full") for r in ("vanilla", "reduced")]
+
+
+def reference_omega(rows: int, cols: int, sigma: float) -> torch.Tensor:
+    """ω over [CLS] + patches from explicit grid coordinates; CLS row/column 0, 1 on the patch diagonal."""
+    coords = torch.tensor([(t // cols, t % cols) for t in range(rows * cols)], dtype=torch.float64)
+    d2 = ((coords[:, None, :] - coords[None, :, :]) ** 2).sum(-1)
+    omega = torch.zeros(rows * cols + 1, rows * cols + 1, dtype=torch.float64)
+    omega[1:, 1:] = torch.exp(-d2 / (2 * sigma**2))
+    return omega
+
+
+def reference_features(model, images, attention, arch, sigma):
+    """Plain tensor code: patchify by unfold, explicit per-head attention, eq. 16 for the reduced block."""
+    v = model.visual
+    b = images.shape[0]
+    p = v.conv1.kernel_size[0]
+    width = v.conv1.weight.shape[0]
+    rows, cols = images.shape[2] // p, images.shape[3] // p
+    patches = images[:, :, : rows * p, : cols * p].unfold(2, p, p).unfold(3, p, p)  # (B, 3, rows, cols, p, p)
+    patches = patches.permute(0, 2, 3, 1, 4, 5).reshape(b, rows * cols, 3 * p * p)
+    x = patches @ v.conv1.weight.reshape(width, -1).T  # (B, N, C)
+    g = v.grid_size
+    pos = v.positional_embedding
+    grid_pos = pos[1:].reshape(1, g[0], g[1], width).permute(0, 3, 1, 2)
+    grid_pos = F.interpolate(grid_pos, size=(rows, cols), mode="bicubic", align_corners=False, antialias=False)
+    pos = torch.cat([pos[:1], grid_pos.permute(0, 2, 3, 1).reshape(rows * cols, width)])
+    x = torch.cat([v.class_embedding.expand(b, 1, width), x], 1) + pos
+    x = F.layer_norm(x, (width,), v.ln_pre.weight, v.ln_pre.bias, v.ln_pre.eps)
+    for blk in v.transformer.resblocks[:-1]:
+        x = blk(x)
+    last = v.transformer.resblocks[-1]
+    heads = last.attn.num_heads
+    d = width // heads
+    h = F.layer_norm(x, (width,), last.ln_1.weight, last.ln_1.bias, last.ln_1.eps)
+    w_q, w_k, w_v = last.attn.in_proj_weight.chunk(3)
+    b_q, b_k, b_v = last.attn.in_proj_bias.chunk(3)
+    q, k, val = h @ w_q.T + b_q, h @ w_k.T + b_k, h @ w_v.T + b_v
+    omega = reference_omega(rows, cols, sigma).float() if sigma else None
+    qs = [q[..., i * d : (i + 1) * d] for i in range(heads)]
+    ks = [k[..., i * d : (i + 1) * d] for i in range(heads)]
+    vs = [val[..., i * d : (i + 1) * d] for i in range(heads)]
+    if attention == "n_only":  # c: mean over heads and all token pairs of |q_i||k_j|/√d, per image
+        c = torch.stack(
+            [(qh.norm(dim=-1)[:, :, None] * kh.norm(dim=-1)[:, None, :]).mean((1, 2)) for qh, kh in zip(qs, ks)]
+        ).mean(0) / math.sqrt(d)
+    outs = []
+    for qh, kh, vh in zip(qs, ks, vs):
+        if attention == "vanilla":
+            logits = qh @ kh.transpose(1, 2) / math.sqrt(d)
+        elif attention == "kk_sim":
+            logits = kh @ kh.transpose(1, 2) / math.sqrt(d)
+        elif attention == "full":
+            logits = kh @ kh.transpose(1, 2) / math.sqrt(d) + omega
+        else:
+            logits = c[:, None, None] * omega
+        outs.append(torch.softmax(logits, -1) @ vh)
+    sa = torch.cat(outs, -1) @ last.attn.out_proj.weight.T + last.attn.out_proj.bias
+    if arch == "reduced":
+        z = sa
+    else:
+        z = x + sa
+        z = z + last.mlp(F.layer_norm(z, (width,), last.ln_2.weight, last.ln_2.bias, last.ln_2.eps))
+    z = F.layer_norm(z, (width,), v.ln_post.weight, v.ln_post.bias, v.ln_post.eps) @ v.proj
+    return z[:, 1:].reshape(b, rows, cols, -1)
+
+
+def assert_tokens_close(got: torch.Tensor, ref: torch.Tensor) -> None:
+    assert got.shape == ref.shape
+    cos = F.cosine_similarity(got.reshape(-1, got.shape[-1]), ref.reshape(-1, ref.shape[-1]), dim=-1)
+    assert cos.min().item() >= 0.99999, cos.min().item()
+
+
+@pytest.mark.parametrize("size", [(160, 160), (128, 208)], ids=["square", "nonsquare"])
+@pytest.mark.parametrize(("attention", "arch"), PAIRS)
+def test_b16_matches_reference(b16, attention, arch, size):
+    torch.manual_seed(1)
+    images = torch.randn(2, 3, *size)
+    sigma = 5.0 if attention in ("n_only", "full") else None
+    got = DenseEncoder(b16, attention=attention, arch=arch, sigma=5.0)(images)
+    with torch.no_grad():
+        ref = reference_features(b16, images, attention, arch, sigma)
+    assert_tokens_close(got, ref)
+
+
+@pytest.mark.parametrize(("attention", "arch"), PAIRS)
+def test_b32_matches_reference(b32, attention, arch):
+    torch.manual_seed(2)
+    images = torch.randn(1, 3, 192, 288)
+    sigma = 5.0 if attention in ("n_only", "full") else None
+    got = DenseEncoder(b32, attention=attention, arch=arch, sigma=5.0)(images)
+    with torch.no_grad():
+        ref = reference_features(b32, images, attention, arch, sigma)
+    assert_tokens_close(got, ref)
+
+
+@pytest.mark.parametrize("sigma", [0.5, 2.0, 3.5, 8.0])
+@pytest.mark.parametrize("attention", ["full", "n_only"])
+def test_several_sigmas(b16, attention, sigma):
+    torch.manual_seed(3)
+    images = torch.randn(1, 3, 96, 144)
+    got = DenseEncoder(b16, attention=attention, arch="reduced", sigma=sigma)(images)
+    with torch.no_grad():
+        ref = reference_features(b16, images, attention, "reduced", sigma)
+    assert_tokens_close(got, ref)
+
+
+def test_sigma_changes_features(b16):
+    images = torch.randn(1, 3, 128, 128)
+    a = DenseEncoder(b16, "full", "reduced", sigma=1.0)(images)
+    b = DenseEncoder(b16, "full", "reduced", sigma=8.0)(images)
+    assert not torch.allclose(a, b)
+
+
+def test_vanilla_reproduces_open_clip_tokens(b16):
+    torch.manual_seed(4)
+    images = torch.randn(2, 3, 224, 224)
+    visual = copy.deepcopy(b16.visual)
+    visual.output_tokens = True
+    with torch.no_grad():
+        _, tokens = visual(images)
+    ref = (tokens @ visual.proj).reshape(2, 14, 14, -1)
+    assert_tokens_close(DenseEncoder(b16, "vanilla", "vanilla")(images), ref)
+
+
+def test_model_left_untouched(b16):
+    images = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        before = b16.encode_image(images)
+        DenseEncoder(b16, "full", "reduced")(torch.randn(1, 3, 160, 240))
+        after = b16.encode_image(images)
+    assert torch.equal(before, after)
+
+
+def test_n_only_constant_is_per_image(b16):
+    """Batching must never mix images: each image's output equals its output alone."""
+    torch.manual_seed(5)
+    images = torch.randn(3, 3, 128, 128) * torch.tensor([0.2, 1.0, 4.0])[:, None, None, None]
+    enc = DenseEncoder(b16, "n_only", "reduced")
+    batched = enc(images)
+    for i in range(3):
+        assert_tokens_close(batched[i : i + 1], enc(images[i : i + 1]))
+
+
+def test_prior_closed_form_and_cache():
+    prior = gaussian_prior((5, 7), 2.5)
+    assert torch.allclose(prior.double(), reference_omega(5, 7, 2.5), atol=1e-7)
+    assert prior[0].abs().sum() == 0 and prior[:, 0].abs().sum() == 0
+    assert torch.all(prior[1:, 1:].diagonal() == 1)
+    assert gaussian_prior((5, 7), 2.5) is prior
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"attention": "qq"}, "valid choices"),
+        ({"arch": "tiny"}, "valid choices"),
+        ({"attention": "full", "sigma": 0.0}, "sigma"),
+        ({"attention": "n_only", "sigma": -1.0}, "sigma"),
+    ],
+)
+def test_bad_arguments(b16, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        DenseEncoder(b16, **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("images", "match"),
+    [
+        (torch.randn(3, 224, 224), "B, 3, H, W"),
+        (torch.randn(1, 1, 224, 224), "B, 3, H, W"),
+        (torch.randn(1, 3, 8, 224), "smaller than one patch"),
+        (torch.zeros(1, 3, 32, 32, dtype=torch.uint8), "float"),
+    ],
+)
+def test_bad_images(b16, images, match):
+    with pytest.raises(ValueError, match=match):
+        DenseEncoder(b16)(images)

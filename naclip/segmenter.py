@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -108,24 +108,26 @@ class Segmenter(nn.Module):
         return len(self.class_names)
 
     def _patch_logits(self, crops: Tensor) -> Tensor:
-        """Cosine logits (n, Q, h, w) at the crops' own size."""
+        """Cosine logits (n, Q, rows, cols) on the crops' patch grid."""
         feats = F.normalize(self.encoder(crops).float(), dim=-1)  # (n, rows, cols, D)
-        logits = (feats @ self.classifier.float().T).permute(0, 3, 1, 2)  # (n, Q, rows, cols)
-        return F.interpolate(logits, size=crops.shape[-2:], mode="bilinear", align_corners=False)
+        return (feats @ self.classifier.float().T).permute(0, 3, 1, 2)  # (n, Q, rows, cols)
 
-    def _encode_grouped(self, crops: list[Tensor]) -> list[Tensor]:
-        """Logits of many crops, batched by shape in chunks of crop_batch_size; order preserved."""
-        out: list[Tensor | None] = [None] * len(crops)
+    def _encode_grouped(self, crops: list[Tensor]) -> Iterator[tuple[int, Tensor]]:
+        """(index, patch-grid logits) of many crops, batched by shape in chunks of crop_batch_size.
+
+        Yielded chunk by chunk so that only patch-resolution logits of one chunk are alive at a time.
+        """
         by_shape: dict[tuple[int, int], list[int]] = defaultdict(list)
         for i, crop in enumerate(crops):
             by_shape[tuple(crop.shape[-2:])].append(i)
         for indices in by_shape.values():
             for start in range(0, len(indices), self.crop_batch_size):
                 chunk = indices[start : start + self.crop_batch_size]
-                logits = self._patch_logits(torch.stack([crops[i] for i in chunk]))
-                for i, lg in zip(chunk, logits, strict=True):
-                    out[i] = lg
-        return out  # type: ignore[return-value]
+                yield from zip(chunk, self._patch_logits(torch.stack([crops[i] for i in chunk])), strict=True)
+
+    @staticmethod
+    def _upsample(logits: Tensor, size: tuple[int, int]) -> Tensor:
+        return F.interpolate(logits[None], size=size, mode="bilinear", align_corners=False)[0]
 
     @torch.no_grad()
     def logits_list(self, images: Sequence[Tensor]) -> list[Tensor]:
@@ -133,20 +135,23 @@ class Segmenter(nn.Module):
         for image in images:
             check_images(image[None], self.encoder.patch_size)
         if self.slide_crop == 0:
-            return self._encode_grouped(list(images))
+            out: list[Tensor | None] = [None] * len(images)
+            for i, lg in self._encode_grouped(list(images)):
+                out[i] = self._upsample(lg, tuple(images[i].shape[-2:]))
+            return out  # type: ignore[return-value]
         crops, owners = [], []
         for idx, image in enumerate(images):
             for win in slide_windows(image.shape[-2], image.shape[-1], self.slide_crop, self.slide_stride):
                 crops.append(image[:, win[0] : win[1], win[2] : win[3]])
                 owners.append((idx, win))
-        crop_logits = self._encode_grouped(crops)
         q = len(self.query_names)
         sums = [image.new_zeros((q, *image.shape[-2:]), dtype=torch.float32) for image in images]
         counts = [image.new_zeros(image.shape[-2:], dtype=torch.float32) for image in images]
-        for (idx, (y1, y2, x1, x2)), lg in zip(owners, crop_logits, strict=True):
-            sums[idx][:, y1:y2, x1:x2] += lg
+        for i, lg in self._encode_grouped(crops):
+            idx, (y1, y2, x1, x2) = owners[i]
+            sums[idx][:, y1:y2, x1:x2] += self._upsample(lg, (y2 - y1, x2 - x1))
             counts[idx][y1:y2, x1:x2] += 1
-        return [s / c for s, c in zip(sums, counts, strict=True)]
+        return [s.div_(c) for s, c in zip(sums, counts, strict=True)]
 
     def logits(self, images: Tensor) -> Tensor:
         """Per-query cosine logits (B, Q, H, W) at input size."""
@@ -183,9 +188,8 @@ class Segmenter(nn.Module):
         if len(out_sizes) != len(images):
             raise ValueError(f"got {len(images)} images but {len(out_sizes)} output sizes")
         logits = self.logits_list(images)
-        return [
-            self._labels(self._class_probs(im, lg, size)) for im, lg, size in zip(images, logits, out_sizes, strict=True)
-        ]
+        triples = zip(images, logits, out_sizes, strict=True)
+        return [self._labels(self._class_probs(im, lg, size)) for im, lg, size in triples]
 
     @torch.no_grad()
     def probs(self, images: Tensor, out_size: tuple[int, int] | None = None) -> Tensor:

@@ -54,11 +54,13 @@ def reference_features(model, images, attention, arch, sigma):
     ks = [k[..., i * d : (i + 1) * d] for i in range(heads)]
     vs = [val[..., i * d : (i + 1) * d] for i in range(heads)]
     if attention == "n_only":  # c: mean over heads and all token pairs of |q_i||k_j|/√d, per image
-        c = torch.stack(
-            [(qh.norm(dim=-1)[:, :, None] * kh.norm(dim=-1)[:, None, :]).mean((1, 2)) for qh, kh in zip(qs, ks)]
-        ).mean(0) / math.sqrt(d)
+        pair_means = [
+            (qh.norm(dim=-1)[:, :, None] * kh.norm(dim=-1)[:, None, :]).mean((1, 2))
+            for qh, kh in zip(qs, ks, strict=True)
+        ]
+        c = torch.stack(pair_means).mean(0) / math.sqrt(d)
     outs = []
-    for qh, kh, vh in zip(qs, ks, vs):
+    for qh, kh, vh in zip(qs, ks, vs, strict=True):
         if attention == "vanilla":
             logits = qh @ kh.transpose(1, 2) / math.sqrt(d)
         elif attention == "kk_sim":

@@ -1,0 +1,163 @@
+"""Hydra glue: the config folder, the structured schema that fails early, and one-line validation."""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, OmegaConf
+
+from naclip.attention import get_attention
+from naclip.clip import PRECISIONS
+from naclip.encoder import list_archs
+
+
+def config_dir() -> str:
+    """The `conf/` folder: shipped inside the installed package, or the repository's in a source checkout."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "conf", here.parent / "conf"):
+        if (candidate / "config.yaml").is_file():
+            return str(candidate)
+    raise FileNotFoundError(f"naclip's config folder is missing (looked in {here / 'conf'} and {here.parent / 'conf'})")
+
+
+@dataclass
+class BackboneConfig:
+    name: str = MISSING
+    model: str = MISSING
+    pretrained: str | None = "openai"
+    quick_gelu: bool | None = None
+    precision: str = "fp32"
+    device: str = "auto"
+
+
+@dataclass
+class AttentionConfig:
+    name: str = MISSING
+    sigma: float | None = None
+
+
+@dataclass
+class ArchConfig:
+    name: str = MISSING
+
+
+@dataclass
+class RefineConfig:
+    name: str = "none"
+    steps: int = 10
+    dilations: list[int] = field(default_factory=lambda: [8, 16])
+
+
+@dataclass
+class DatasetConfig:
+    name: str = MISSING
+    layout: str = MISSING
+    root: str | None = None
+    split: str | None = None
+    class_names: str = MISSING
+    ignore_index: int = 255
+    reduce_zero_label: bool = False
+    short_side: int = 336
+    max_long_side: int = 2048
+    slide_crop: int = 224
+    slide_stride: int = 112
+    prob_thd: float = 0.0
+    logit_scale: float = 40.0
+    hf_path: str | None = None
+    hf_name: str | None = None
+    data_files: Any = None
+    image_column: str = "image"
+    label_column: str = "label"
+    num_images: int | None = None
+    image_size: list[int] | None = None
+    seed: int = 0
+
+
+@dataclass
+class LoggerConfig:
+    name: str = "local"
+    project: str = "naclip"
+    entity: str | None = None
+    mode: str | None = None
+    log_images: int = 0
+    init_timeout: float = 30.0
+
+
+@dataclass
+class RunConfig:
+    backbone: BackboneConfig = MISSING
+    attention: AttentionConfig = MISSING
+    arch: ArchConfig = MISSING
+    refine: RefineConfig = MISSING
+    dataset: DatasetConfig = MISSING
+    logger: LoggerConfig = MISSING
+    experiment_name: str = "default"
+    output_root: str = "outputs"
+    seed: int = 0
+    batch_size: int = 1
+    crop_batch_size: int = 64
+    num_workers: int = 2
+    log_every: int = 50
+    max_images: int | None = None
+    force: bool = False
+    on_error: str = "raise"
+    text_cache_dir: str | None = None
+
+
+@dataclass
+class PredictConfig:
+    backbone: BackboneConfig = MISSING
+    attention: AttentionConfig = MISSING
+    arch: ArchConfig = MISSING
+    refine: RefineConfig = MISSING
+    image: str = MISSING
+    classes: Any = MISSING
+    background: list[str] = field(default_factory=list)
+    prob_thd: float = 0.0
+    logit_scale: float = 40.0
+    short_side: int = 336
+    max_long_side: int = 2048
+    slide_crop: int = 224
+    slide_stride: int = 112
+    crop_batch_size: int = 64
+    alpha: float = 0.5
+    output_root: str = "outputs"
+    text_cache_dir: str | None = None
+
+
+def _dirname(overrides: str) -> str:
+    """A job folder name from its overrides: never empty, no path separators."""
+    return re.sub(r"[/\\]+", "_", overrides) or "default"
+
+
+def register() -> None:
+    """Register the schemas and the `naclip.dirname` resolver (idempotent)."""
+    cs = ConfigStore.instance()
+    cs.store(name="schema", node=RunConfig)
+    cs.store(name="schema_predict", node=PredictConfig)
+    if not OmegaConf.has_resolver("naclip.dirname"):
+        OmegaConf.register_new_resolver("naclip.dirname", _dirname)
+
+
+def validate(cfg: Any) -> None:
+    """Checks the schema cannot express; raises ValueError with one line naming the bad value."""
+    get_attention(cfg.attention.name)
+    if cfg.arch.name not in list_archs():
+        raise ValueError(f"unknown arch {cfg.arch.name!r}; valid choices: {list_archs()}")
+    sigma = cfg.attention.sigma
+    if get_attention(cfg.attention.name).uses_sigma and (sigma is None or not math.isfinite(sigma) or sigma <= 0):
+        raise ValueError(f"attention.sigma must be a positive number for attention={cfg.attention.name}, got {sigma}")
+    if cfg.backbone.precision not in PRECISIONS:
+        raise ValueError(f"unknown backbone.precision {cfg.backbone.precision!r}; valid: {list(PRECISIONS)}")
+    if cfg.refine.name not in ("none", "pamr"):
+        raise ValueError(f"unknown refine {cfg.refine.name!r}; valid choices: ['none', 'pamr']")
+    for key in ("batch_size", "crop_batch_size"):
+        if key in cfg and cfg[key] < 1:
+            raise ValueError(f"{key} must be >= 1, got {cfg[key]}")
+    if "on_error" in cfg and cfg.on_error not in ("raise", "skip"):
+        raise ValueError(f"on_error must be 'raise' or 'skip', got {cfg.on_error!r}")

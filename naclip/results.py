@@ -1,0 +1,163 @@
+"""Result sinks: an atomic local result.json (always) and W&B (optional, never blocking)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+from collections.abc import Sequence
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+RESULT_FILE = "result.json"
+_PACKAGES = ("naclip", "torch", "torchvision", "open_clip_torch", "timm", "hydra-core", "datasets", "torchmetrics")
+
+
+def package_versions() -> dict[str, str]:
+    versions = {"python": sys.version.split()[0]}
+    for name in _PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def git_commit() -> str | None:
+    """The commit of the naclip checkout, when it is one (never fails)."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=False,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def utc_now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def write_json_atomic(path: Path, payload: dict[str, Any]) -> Path:
+    """Write JSON through a temp file in the same folder and rename it: readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(payload, f, indent=2, allow_nan=False, default=str)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def read_finished_result(folder: Path) -> dict[str, Any] | None:
+    """The finished result.json in `folder`, or None if absent or unreadable."""
+    try:
+        result = json.loads((folder / RESULT_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return result if isinstance(result, dict) and "miou" in result and "config" in result else None
+
+
+class Sink(Protocol):
+    def log_samples(self, samples: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray, str]]) -> None: ...
+    def write(self, result: dict[str, Any]) -> None: ...
+    def close(self) -> None: ...
+
+
+class LocalSink:
+    """result.json in the job's output folder, written only by a finished run."""
+
+    def __init__(self, folder: str | os.PathLike) -> None:
+        self.path = Path(folder) / RESULT_FILE
+
+    def log_samples(self, samples: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray, str]]) -> None:
+        return None
+
+    def write(self, result: dict[str, Any]) -> None:
+        write_json_atomic(self.path, result)
+        log.info("result written to %s", self.path)
+
+    def close(self) -> None:
+        return None
+
+
+class WandbSink:
+    """One W&B run per job. Offline unless W&B was configured online; falls back to offline on failure."""
+
+    def __init__(
+        self,
+        folder: str | os.PathLike,
+        project: str,
+        group: str,
+        name: str,
+        config: dict[str, Any],
+        class_names: list[str],
+        entity: str | None = None,
+        mode: str | None = None,
+        init_timeout: float = 30.0,
+    ) -> None:
+        import wandb
+
+        self._wandb = wandb
+        self.class_names = class_names
+        mode = mode or os.environ.get("WANDB_MODE") or ("online" if _wandb_configured_online() else "offline")
+        kwargs = dict(project=project, entity=entity, group=group, name=name, config=config, dir=str(folder))
+        try:
+            self.run = wandb.init(mode=mode, settings=wandb.Settings(init_timeout=init_timeout), **kwargs)
+        except Exception as err:  # network, auth, server: never lose the local result over W&B
+            log.warning("W&B init failed (%s); logging offline instead", str(err).splitlines()[0] if str(err) else err)
+            self.run = wandb.init(mode="offline", **kwargs)
+
+    def log_samples(self, samples: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray, str]]) -> None:
+        from naclip.viz import overlay
+
+        images = [
+            self._wandb.Image(
+                np.concatenate([overlay(img, pred, self.class_names), overlay(img, gt, self.class_names)], axis=1),
+                caption=f"{name}: prediction | ground truth",
+            )
+            for img, pred, gt, name in samples
+        ]
+        if images:
+            self.run.log({"predictions": images})
+
+    def write(self, result: dict[str, Any]) -> None:
+        per_class = result.get("per_class_iou", {})
+        table = self._wandb.Table(columns=["class", "iou"], data=[[k, v] for k, v in per_class.items()])
+        self.run.log({"per_class_iou": table})
+        summary = {k: result[k] for k in ("miou", "pixel_acc", "num_images", "seconds", "images_per_sec",
+                                          "peak_memory_mb", "finished_at") if k in result}
+        summary.update({f"iou/{k}": v for k, v in per_class.items()})
+        self.run.summary.update(summary)
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+def _wandb_configured_online() -> bool:
+    """True only when the user logged in (API key in the environment or netrc)."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    try:
+        return "api.wandb.ai" in netrc.read_text()
+    except OSError:
+        return False

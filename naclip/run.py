@@ -1,0 +1,290 @@
+"""`python -m naclip.run [overrides]`: one evaluation job (or a sweep with -m), thin glue around the library.
+
+Also runs under `torchrun --nproc_per_node=N -m naclip.run ...`: every rank evaluates a disjoint shard,
+confusion matrices are summed across ranks, rank 0 alone writes the result.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import resource
+import shutil
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import hydra
+import numpy as np
+import torch
+import torch.distributed as dist
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
+
+from naclip import config
+from naclip.clip import WeightsUnavailableError, image_mean_std, load_clip
+from naclip.data import DatasetError, build_dataset, collate
+from naclip.metrics import IoUMetric
+from naclip.predictor import auto_device, normalize_images
+from naclip.results import (
+    LocalSink,
+    Sink,
+    WandbSink,
+    git_commit,
+    package_versions,
+    read_finished_result,
+    utc_now,
+)
+from naclip.segmenter import Segmenter
+
+log = logging.getLogger("naclip.run")
+config.register()
+
+
+def setup_distributed(device: str) -> tuple[int, int]:
+    """Join the torchrun process group if launched by torchrun: (rank, world size)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def shard_indices(num_items: int, rank: int, world: int) -> list[int]:
+    """Every item exactly once across ranks: no padding, no drops (unlike DistributedSampler)."""
+    return list(range(rank, num_items, world))
+
+
+def peak_memory_mb(device: str) -> float:
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def _sum_across_ranks(value: float) -> float:
+    if not dist.is_initialized():
+        return value
+    t = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(t)
+    return float(t.item())
+
+
+def _max_across_ranks(value: float) -> float:
+    if not dist.is_initialized():
+        return value
+    t = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t.item())
+
+
+def _batches(loader: Any, on_error: str, skipped: list[dict[str, str]]) -> Iterator[dict[str, list]]:
+    """Batches with bad samples raised (on_error=raise) or removed and recorded (on_error=skip)."""
+    for batch in loader:
+        keep = []
+        for i, error in enumerate(batch["error"]):
+            if error is None:
+                keep.append(i)
+            elif on_error == "raise":
+                raise DatasetError(error)
+            else:
+                log.warning("skipping %s", error)
+                skipped.append({"path": batch["path"][i], "error": error})
+        if keep:
+            yield {k: [v[i] for i in keep] for k, v in batch.items()}
+
+
+def evaluate(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
+    """Evaluate one configuration; returns the result dict (also written by the sinks on rank 0)."""
+    config.validate(cfg)
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    previous = read_finished_result(out_dir)
+    if previous is not None and not cfg.force and previous.get("config") == resolved:
+        log.info("skipping: %s already holds a finished result for this config (force=true re-runs)", out_dir)
+        print(f"skipped (finished result in {out_dir}): mIoU {previous['miou']:.2f}")
+        return previous
+
+    device = auto_device(cfg.backbone.device)
+    rank, world = setup_distributed(device)
+    if device.startswith("cuda") and world > 1:
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}"
+    torch.manual_seed(cfg.seed)
+
+    dataset_cfg = OmegaConf.to_container(cfg.dataset, resolve=True)
+    dataset = build_dataset(dataset_cfg, on_error=cfg.on_error)  # fails on a missing root before any model loads
+    count = len(dataset) if cfg.max_images is None else min(cfg.max_images, len(dataset))
+    shard = torch.utils.data.Subset(dataset, shard_indices(count, rank, world))
+
+    model = load_clip(
+        cfg.backbone.model, cfg.backbone.pretrained, device, cfg.backbone.precision, quick_gelu=cfg.backbone.quick_gelu
+    )
+    mean, std = image_mean_std(cfg.backbone.model, cfg.backbone.pretrained)
+    segmenter = Segmenter(
+        model,
+        dataset.class_names,
+        attention=cfg.attention.name,
+        arch=cfg.arch.name,
+        sigma=cfg.attention.sigma,
+        slide_crop=cfg.dataset.slide_crop,
+        slide_stride=cfg.dataset.slide_stride,
+        logit_scale=cfg.dataset.logit_scale,
+        prob_thd=cfg.dataset.prob_thd,
+        pamr=cfg.refine.name == "pamr",
+        pamr_steps=cfg.refine.steps,
+        pamr_dilations=tuple(cfg.refine.dilations),
+        crop_batch_size=cfg.crop_batch_size,
+        cache_dir=cfg.text_cache_dir,
+    ).to(device)
+    metric = IoUMetric(dataset.num_classes, ignore_index=dataset.ignore_index, device=device)
+
+    sinks: list[Sink] = []
+    if rank == 0:
+        sinks.append(LocalSink(out_dir))
+        if cfg.logger.name == "wandb":
+            sinks.append(
+                WandbSink(
+                    out_dir,
+                    project=cfg.logger.project,
+                    group=cfg.experiment_name,
+                    name=out_dir.name,
+                    config={"choices": _choices(), "config": resolved, "overrides": _overrides()},
+                    class_names=[names[0] for names in dataset.class_names],
+                    entity=cfg.logger.entity,
+                    mode=cfg.logger.mode,
+                    init_timeout=cfg.logger.init_timeout,
+                )
+            )
+    try:
+        result = _loop(cfg, shard, segmenter, metric, mean, std, device, rank, sinks)
+        result.update(
+            choices=_choices(),
+            overrides=_overrides(),
+            config=resolved,
+            versions=package_versions(),
+            git_commit=git_commit(),
+            world_size=world,
+            finished_at=utc_now(),
+        )
+        per_class = result.pop("per_class_list")
+        result["per_class_iou"] = {names[0]: iou for names, iou in zip(dataset.class_names, per_class, strict=True)}
+        for sink in sinks:
+            sink.write(result)
+    finally:
+        for sink in sinks:
+            sink.close()
+    if rank == 0:
+        print(_report(result))
+    return result
+
+
+def _loop(cfg, shard, segmenter, metric, mean, std, device, rank, sinks) -> dict[str, Any]:
+    loader = torch.utils.data.DataLoader(
+        shard,
+        batch_size=cfg.batch_size,
+        num_workers=cfg.num_workers,
+        collate_fn=collate,
+        persistent_workers=False,
+    )
+    skipped: list[dict[str, str]] = []
+    samples: list[tuple[np.ndarray, np.ndarray, np.ndarray, str]] = []
+    seen, start = 0, time.perf_counter()
+    bar = tqdm(total=len(shard), disable=rank != 0 or not sys.stderr.isatty(), desc="eval", unit="img")
+    for batch in _batches(loader, cfg.on_error, skipped):
+        images = [normalize_images(im.to(device), mean, std) for im in batch["image"]]
+        labels = [lb.to(device) for lb in batch["label"]]
+        preds = segmenter.predict_list(images, [tuple(lb.shape) for lb in labels])
+        for pred, label, image, name in zip(preds, labels, batch["image"], batch["name"], strict=True):
+            metric.update(pred, label)
+            if len(samples) < cfg.logger.log_images:
+                pixels = image.permute(1, 2, 0).numpy()
+                samples.append((pixels, _resize_nearest(pred, image), _resize_nearest(label, image), name))
+        seen += len(preds)
+        bar.update(len(preds))
+        if rank == 0 and cfg.log_every and (seen // cfg.log_every) > ((seen - len(preds)) // cfg.log_every):
+            elapsed = time.perf_counter() - start
+            rate = seen / elapsed
+            log.info(
+                "%d/%d images, %.2f img/s, ETA %.0f s, peak memory %.0f MB",
+                seen, len(shard), rate, (len(shard) - seen) / rate, peak_memory_mb(device),
+            )
+    bar.close()
+    scores = metric.compute()  # collective under torch.distributed: sums the confusion matrices
+    seconds = _max_across_ranks(time.perf_counter() - start)
+    total = int(_sum_across_ranks(seen))
+    for sink in sinks:
+        sink.log_samples(samples)
+    return {
+        "miou": scores["miou"],
+        "per_class_list": scores["per_class_iou"],
+        "pixel_acc": scores["pixel_acc"],
+        "num_images": total,
+        "seconds": round(seconds, 3),
+        "images_per_sec": round(total / seconds, 4) if seconds > 0 else None,
+        "peak_memory_mb": round(_max_across_ranks(peak_memory_mb(device)), 1),
+        "skipped": _gather_skipped(skipped),
+    }
+
+
+def _resize_nearest(labels: torch.Tensor, image: torch.Tensor) -> np.ndarray:
+    """Labels at the (resized) image's size, for overlays."""
+    resized = torch.nn.functional.interpolate(labels[None, None].float().cpu(), size=image.shape[-2:], mode="nearest")
+    return resized[0, 0].long().numpy()
+
+
+def _gather_skipped(skipped: list[dict[str, str]]) -> list[dict[str, str]]:
+    if not dist.is_initialized():
+        return skipped
+    everything: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(everything, skipped)
+    return [item for part in everything for item in part]
+
+
+def _choices() -> dict[str, str]:
+    choices = HydraConfig.get().runtime.choices
+    return {k: v for k, v in choices.items() if not k.startswith("hydra") and k != "schema" and v is not None}
+
+
+def _overrides() -> list[str]:
+    return list(HydraConfig.get().overrides.task)
+
+
+def _report(result: dict[str, Any]) -> str:
+    lines = [f"{'class':<28} {'IoU':>6}", "-" * 35]
+    for name, iou in result["per_class_iou"].items():
+        lines.append(f"{name[:28]:<28} {'nan' if iou is None else f'{iou:6.2f}':>6}")
+    lines += [
+        "-" * 35,
+        f"mIoU {result['miou']:.2f}  pixel acc {result['pixel_acc']:.2f}  images {result['num_images']}  "
+        f"{result['images_per_sec']} img/s",
+    ]
+    return "\n".join(lines)
+
+
+def _remove_unfinished(out_dir: Path) -> None:
+    """A job that failed before finishing leaves nothing behind (Hydra made its folder before we ran)."""
+    if (out_dir / "result.json").exists():
+        return
+    logging.shutdown()
+    shutil.rmtree(out_dir, ignore_errors=True)
+
+
+@hydra.main(version_base="1.3", config_path=config.config_dir(), config_name="config")
+def main(cfg: DictConfig) -> float | None:
+    """Hydra entry point; known errors end with one line on stderr and exit code 2."""
+    out_dir = Path(HydraConfig.get().runtime.output_dir)
+    try:
+        return float(evaluate(cfg, out_dir)["miou"])
+    except (DatasetError, WeightsUnavailableError, ValueError) as err:
+        print(f"naclip.run: error: {err}", file=sys.stderr)
+        _remove_unfinished(out_dir)
+        sys.exit(2)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,587 @@
+"""Benchmarks of NACLIP's hot paths against plain open_clip, measured in one process with honest statistics.
+
+Sections (all timed under ``torch.inference_mode`` with torch's default thread count):
+
+1. encoder:  DenseEncoder on the sliding-window crops of one image vs ``model.encode_image`` on the same
+   crops, for every attention × arch (target ratio ≤ 1.10).
+2. batching: ``Segmenter.logits_list`` over several images with all crops batched vs one forward per crop.
+3. prior:    building the Gaussian prior (closed form) vs a cache hit, for a 14×14 and a 64×64 grid.
+4. text:     ``encode_text_trimmed`` vs the full 77-token ``model.encode_text`` on 80 templates × the VOC
+   names (target ≥ 3× and 1 − min cosine ≤ 1e-5), and ``text_classifier``'s on-disk cache miss vs hit.
+5. memory (``--memory``): peak memory of segmenting one large image, in a fresh subprocess.
+
+Every timed function gets warm-up calls, then all functions of a section run once per round, the order
+rotating from round to round, so drift and position effects hit all of them alike. Reported: the median
+and the interquartile range (p25–p75) over rounds; ratios are per-round (paired) ratios.
+
+Example:
+    python scripts/bench.py --models ViT-B-16 ViT-B-32 --repeats 10 --out bench.json
+    python scripts/bench.py --quick --memory --out /tmp/bench.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import open_clip
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from naclip import DenseEncoder, Segmenter, gaussian_prior, list_archs, list_attentions, load_clip, slide_windows
+from naclip import attention as attention_module
+from naclip.clip import PRECISIONS, WeightsUnavailableError
+from naclip.text import OPENAI_TEMPLATES, encode_text_trimmed, text_classifier
+
+ENCODER_TARGET = 1.10  # NACLIP encoder time / open_clip encode_image time
+TEXT_SPEEDUP_TARGET = 3.0
+TEXT_DEVIATION_TARGET = 1e-5
+SIGMA = 5.0
+CROP, STRIDE = 224, 112
+TEXT_BATCH = 256  # prompts per text-tower forward, as text_classifier does
+
+# Sizes of the full and the --quick run.
+FULL = {
+    "models": ["ViT-B-16", "ViT-B-32"],
+    "repeats": 10,
+    "warmup": 2,
+    "text_repeats": 3,
+    "encoder_image": (336, 448),
+    "batch_images": 4,
+    "batch_image": (336, 448),
+    "text_names": None,  # all synonyms of voc21
+    "memory_model": "ViT-L-14",
+    "memory_image": (560, 1120),
+}
+QUICK = {
+    "models": ["ViT-B-32"],
+    "repeats": 2,
+    "warmup": 1,
+    "text_repeats": 1,
+    "encoder_image": (224, 336),
+    "batch_images": 2,
+    "batch_image": (224, 280),
+    "text_names": 2,
+    "memory_model": None,  # the first --models entry
+    "memory_image": (224, 448),
+}
+
+
+def class_names(dataset: str) -> list[list[str]]:
+    """Synonym lists of a class-name file shipped in naclip/classnames (one class per line, ", " separated)."""
+    text = resources.files("naclip").joinpath("classnames", f"{dataset}.txt").read_text(encoding="utf-8")
+    return [[n.strip() for n in line.split(",") if n.strip()] for line in text.splitlines() if line.strip()]
+
+
+def cpu_name() -> str:
+    """The CPU model from /proc/cpuinfo where there is one, else the machine type."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def make_sync(device: torch.device) -> Callable[[], None]:
+    """A barrier so a timer measures finished work (CUDA kernels run asynchronously)."""
+    if device.type == "cuda":
+        return lambda: torch.cuda.synchronize(device)
+    return lambda: None
+
+
+def time_interleaved(
+    fns: dict[str, Callable[[], object]],
+    repeats: int,
+    warmup: int,
+    sync: Callable[[], None] = lambda: None,
+) -> dict[str, list[float]]:
+    """Seconds per call of each function over `repeats` rounds; each round calls every function once.
+
+    The order rotates by one each round, so no function always runs first or after the same neighbour.
+    """
+    if repeats < 1 or warmup < 0:
+        raise ValueError(f"repeats must be >= 1 and warmup >= 0, got repeats={repeats}, warmup={warmup}")
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    sync()
+    gc.collect()
+    names = list(fns)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(repeats):
+        shift = r % len(names)
+        for name in names[shift:] + names[:shift]:
+            sync()
+            start = time.perf_counter()
+            fns[name]()
+            sync()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def quartiles(values: Sequence[float]) -> tuple[float, float, float]:
+    """(p25, median, p75), linearly interpolated."""
+    p25, p50, p75 = np.percentile(np.asarray(values, dtype=np.float64), [25, 50, 75])
+    return float(p25), float(p50), float(p75)
+
+
+def ms_stats(prefix: str, seconds: Sequence[float], scale: float = 1e3) -> dict[str, float]:
+    """{prefix}_ms (median) and {prefix}_iqr_ms (p75 − p25) of per-call times."""
+    p25, p50, p75 = quartiles(seconds)
+    unit = "ms" if scale == 1e3 else "us"
+    return {f"{prefix}_{unit}": p50 * scale, f"{prefix}_iqr_{unit}": (p75 - p25) * scale}
+
+
+def paired_ratio(numerator: Sequence[float], denominator: Sequence[float]) -> dict[str, float]:
+    """Median and quartiles of the per-round ratios numerator[i] / denominator[i]."""
+    p25, p50, p75 = quartiles([a / b for a, b in zip(numerator, denominator, strict=True)])
+    return {"ratio": p50, "ratio_p25": p25, "ratio_p75": p75}
+
+
+def slide_crops(image: Tensor) -> Tensor:
+    """The sliding-window crops (n, 3, CROP, CROP) of one (3, H, W) image, as the Segmenter cuts them."""
+    wins = slide_windows(image.shape[-2], image.shape[-1], CROP, STRIDE)
+    return torch.stack([image[:, y1:y2, x1:x2] for y1, y2, x1, x2 in wins])
+
+
+def model_dtype(model: nn.Module) -> torch.dtype:
+    return model.visual.conv1.weight.dtype
+
+
+def bench_encoder(
+    name: str, model: nn.Module, crops: Tensor, repeats: int, warmup: int, sync: Callable[[], None]
+) -> list[dict[str, Any]]:
+    """NACLIP's dense encoder vs open_clip's encode_image on the same crops, every attention × arch."""
+    crops = crops.to(model_dtype(model))  # encode_image does not cast; DenseEncoder does, so cast once here
+    encoders = {
+        (a, r): DenseEncoder(model, attention=a, arch=r, sigma=SIGMA) for a in list_attentions() for r in list_archs()
+    }
+    fns: dict[str, Callable[[], object]] = {"open_clip": lambda: model.encode_image(crops)}
+    for (att, arch), enc in encoders.items():
+        fns[f"{att}/{arch}"] = lambda enc=enc: enc(crops)
+    times = time_interleaved(fns, repeats, warmup, sync)
+    rows = []
+    for att, arch in encoders:
+        ours, ref = times[f"{att}/{arch}"], times["open_clip"]
+        rows.append(
+            {
+                "model": name,
+                "attention": att,
+                "arch": arch,
+                "crops": crops.shape[0],
+                **ms_stats("naclip", ours),
+                **ms_stats("open_clip", ref),
+                **paired_ratio(ours, ref),
+            }
+        )
+    return rows
+
+
+def bench_batching(
+    name: str,
+    model: nn.Module,
+    device: torch.device,
+    n_images: int,
+    size: tuple[int, int],
+    repeats: int,
+    warmup: int,
+    sync: Callable[[], None],
+) -> dict[str, Any]:
+    """Segmenter.logits_list with all crops of all images batched vs the same Segmenter one crop at a time."""
+    names = class_names("cityscapes")
+    one_template = ("a photo of a {}.",)  # the classifier is not timed; one template keeps its build cheap
+    batched = Segmenter(model, names, templates=one_template, slide_crop=CROP, slide_stride=STRIDE)
+    per_crop = Segmenter(model, names, templates=one_template, slide_crop=CROP, slide_stride=STRIDE, crop_batch_size=1)
+    images = [torch.randn(3, *size, device=device) for _ in range(n_images)]
+    crops = sum(len(slide_windows(*size, CROP, STRIDE)) for _ in images)
+    times = time_interleaved(
+        {"batched": lambda: batched.logits_list(images), "per_crop": lambda: per_crop.logits_list(images)},
+        repeats,
+        warmup,
+        sync,
+    )
+    speed = paired_ratio(times["per_crop"], times["batched"])
+    return {
+        "model": name,
+        "images": n_images,
+        "image_size": list(size),
+        "crops": crops,
+        "crop_batch_size": batched.crop_batch_size,
+        **ms_stats("batched", times["batched"]),
+        **ms_stats("per_crop", times["per_crop"]),
+        "speedup": speed["ratio"],
+        "speedup_p25": speed["ratio_p25"],
+        "speedup_p75": speed["ratio_p75"],
+    }
+
+
+def bench_prior(device: torch.device, repeats: int, warmup: int, sync: Callable[[], None]) -> dict[str, Any]:
+    """Closed-form build of the Gaussian prior (caches emptied first) vs a cache hit."""
+    hits_per_sample = 100  # a hit takes microseconds: time a batch of them for a readable number
+
+    def build(grid: tuple[int, int]) -> Tensor:
+        attention_module._gaussian_prior_cpu.cache_clear()
+        attention_module._DEVICE_CACHE.clear()
+        return gaussian_prior(grid, SIGMA, device=device)
+
+    def hits(grid: tuple[int, int]) -> None:
+        for _ in range(hits_per_sample):
+            gaussian_prior(grid, SIGMA, device=device)
+
+    out: dict[str, Any] = {"sigma": SIGMA}
+    for grid in ((14, 14), (64, 64)):
+        times = time_interleaved(
+            {"uncached": lambda g=grid: build(g), "cached": lambda g=grid: hits(g)}, repeats, warmup, sync
+        )
+        cached = [t / hits_per_sample for t in times["cached"]]
+        stats = {**ms_stats("uncached", times["uncached"]), **ms_stats("cached", cached, scale=1e6)}
+        stats["speedup"] = stats["uncached_ms"] * 1e3 / stats["cached_us"]
+        stats["tokens"] = grid[0] * grid[1] + 1
+        out[f"{grid[0]}x{grid[1]}"] = stats
+    return out
+
+
+def bench_text(
+    name: str,
+    model: nn.Module,
+    device: torch.device,
+    n_names: int | None,
+    repeats: int,
+    sync: Callable[[], None],
+) -> dict[str, Any]:
+    """Trimmed vs full text tower on 80 templates × VOC names, and the classifier's disk cache miss vs hit."""
+    names = [n for synonyms in class_names("voc21") for n in synonyms][:n_names]
+    templates = OPENAI_TEMPLATES
+    prompts = [t(n) if callable(t) else t.format(n) for n in names for t in templates]
+    tokens = open_clip.tokenize(prompts, context_length=getattr(model, "context_length", 77)).to(device)
+    chunks = tokens.split(TEXT_BATCH)
+    last: dict[str, Tensor] = {}
+
+    def run(key: str, encode: Callable[[Tensor], Tensor]) -> None:
+        last[key] = torch.cat([encode(c) for c in chunks]).float()  # (P, D)
+
+    full = model.encode_text
+    trimmed = lambda c: encode_text_trimmed(model, c)  # noqa: E731
+    for encode in (full, trimmed):  # warm-up on one chunk: a whole pass of the full tower takes minutes on CPU
+        encode(chunks[0])
+    times = time_interleaved(
+        {"full": lambda: run("full", full), "trimmed": lambda: run("trimmed", trimmed)}, repeats, 0, sync
+    )
+    cosine = F.cosine_similarity(last["full"].double(), last["trimmed"].double(), dim=-1)  # (P,)
+    speed = paired_ratio(times["full"], times["trimmed"])
+
+    with tempfile.TemporaryDirectory(prefix="naclip-bench-") as root:
+        dirs: list[str] = []
+        results: dict[str, Tensor] = {}
+
+        def miss() -> None:
+            dirs.append(tempfile.mkdtemp(dir=root))
+            results["miss"] = text_classifier(model, names, templates, cache_dir=dirs[-1])
+
+        def hit() -> None:
+            results["hit"] = text_classifier(model, names, templates, cache_dir=dirs[-1])
+
+        miss()  # so the first timed hit finds a file even when the rotation puts it first
+        cache_times = time_interleaved({"miss": miss, "hit": hit}, repeats, 0, sync)
+        hit_equal = bool(torch.equal(results["miss"].cpu(), results["hit"].cpu()))
+
+    return {
+        "model": name,
+        "names": len(names),
+        "templates": len(templates),
+        "prompts": len(prompts),
+        "full_tokens": tokens.shape[1],
+        "trimmed_tokens": int(tokens.argmax(dim=-1).max()) + 1,
+        **ms_stats("full", times["full"]),
+        **ms_stats("trimmed", times["trimmed"]),
+        "speedup": speed["ratio"],
+        "speedup_p25": speed["ratio_p25"],
+        "speedup_p75": speed["ratio_p75"],
+        "max_deviation": float(1 - cosine.min()),
+        **ms_stats("cache_miss", cache_times["miss"]),
+        **ms_stats("cache_hit", cache_times["hit"]),
+        "cache_speedup": paired_ratio(cache_times["miss"], cache_times["hit"])["ratio"],
+        "cache_hit_equal": hit_equal,
+    }
+
+
+def _status_kib(field: str) -> int | None:
+    """A memory field of /proc/self/status in KiB (Linux only)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(f"{field}:"):
+                return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def _reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS mark (Linux ≥ 4.0), so the peak excludes model loading."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
+def _maxrss_mib() -> float:
+    per_mib = 1024 * 1024 if sys.platform == "darwin" else 1024  # ru_maxrss is in bytes on macOS, KiB on Linux
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / per_mib
+
+
+def memory_child(spec: dict[str, Any]) -> dict[str, Any]:
+    """Peak memory of one sliding-window segmentation, measured in this (fresh) process."""
+    device = torch.device(spec["device"])
+    model = load_clip(spec["model"], spec["pretrained"], device=device, precision=spec["precision"])
+    segmenter = Segmenter(model, class_names("cityscapes"), slide_crop=CROP, slide_stride=STRIDE).to(device)
+    height, width = spec["image"]
+    image = torch.randn(1, 3, height, width, device=device)
+    crops = len(slide_windows(height, width, CROP, STRIDE))
+    gc.collect()
+    out: dict[str, Any] = {
+        "model": spec["model"],
+        "image_size": [height, width],
+        "crops": crops,
+        "classes": segmenter.num_classes,
+        "device": str(device),
+        "precision": spec["precision"],
+    }
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        with torch.inference_mode():
+            segmenter.predict(image)
+        torch.cuda.synchronize(device)
+        peak = torch.cuda.max_memory_allocated(device)
+        mib = 1024 * 1024
+        return {
+            **out,
+            "method": "torch.cuda.max_memory_allocated",
+            "baseline_mb": base / mib,
+            "peak_mb": peak / mib,
+            "delta_mb": (peak - base) / mib,
+        }
+    base_kib = _status_kib("VmRSS")
+    if base_kib is not None and _reset_peak_rss():
+        with torch.inference_mode():
+            segmenter.predict(image)
+        peak_kib = _status_kib("VmHWM") or 0
+        return {
+            **out,
+            "method": "VmHWM after resetting it (clear_refs)",
+            "baseline_mb": base_kib / 1024,
+            "peak_mb": peak_kib / 1024,
+            "delta_mb": (peak_kib - base_kib) / 1024,
+        }
+    before = _maxrss_mib()
+    with torch.inference_mode():
+        segmenter.predict(image)
+    after = _maxrss_mib()
+    return {
+        **out,
+        "method": "ru_maxrss delta (a lower bound when loading peaked higher)",
+        "baseline_mb": before,
+        "peak_mb": after,
+        "delta_mb": after - before,
+    }
+
+
+def bench_memory(spec: dict[str, Any]) -> dict[str, Any]:
+    """Run memory_child in a fresh interpreter so earlier sections do not pollute the peak."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--memory-child", json.dumps(spec)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        tail = proc.stderr.strip().splitlines()[-1:] or ["(no output)"]
+        raise RuntimeError(f"memory benchmark subprocess failed ({proc.returncode}): {tail[0]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def format_report(result: dict[str, Any]) -> str:
+    """The human-readable tables of a benchmark result."""
+    lines = [
+        f"device={result['device']} torch={result['torch']} threads={result['threads']} "
+        f"precision={result['precision']} repeats={result['repeats']} pretrained={result['pretrained']}",
+        "",
+        f"Encoder: NACLIP DenseEncoder vs open_clip encode_image, same crops (median ms [IQR]; "
+        f"ratio = median of per-round ratios [p25-p75]; target <= {ENCODER_TARGET:.2f})",
+        f"{'model':<10} {'attention':<9} {'arch':<8} {'crops':>5} {'naclip ms':>18} {'open_clip ms':>18} "
+        f"{'ratio':>22} {'ok':>4}",
+    ]
+    for row in result["encoder"]:
+        ok = "yes" if row["ratio"] <= ENCODER_TARGET else "NO"
+        lines.append(
+            f"{row['model']:<10} {row['attention']:<9} {row['arch']:<8} {row['crops']:>5} "
+            f"{row['naclip_ms']:>9.1f} [{row['naclip_iqr_ms']:>6.1f}] "
+            f"{row['open_clip_ms']:>9.1f} [{row['open_clip_iqr_ms']:>6.1f}] "
+            f"{row['ratio']:>7.3f} [{row['ratio_p25']:.3f}-{row['ratio_p75']:.3f}] {ok:>4}"
+        )
+    b = result["batching"]
+    lines += [
+        "",
+        f"Crop batching: Segmenter.logits_list, {b['model']}, {b['images']} images {b['image_size'][0]}x"
+        f"{b['image_size'][1]} = {b['crops']} crops",
+        f"  batched (crop_batch_size={b['crop_batch_size']}): {b['batched_ms']:.1f} ms [{b['batched_iqr_ms']:.1f}]"
+        f"   one forward per crop: {b['per_crop_ms']:.1f} ms [{b['per_crop_iqr_ms']:.1f}]"
+        f"   speed-up x{b['speedup']:.2f} [{b['speedup_p25']:.2f}-{b['speedup_p75']:.2f}]",
+        "",
+        f"Gaussian prior (sigma={result['prior']['sigma']}): closed-form build vs cache hit",
+    ]
+    for grid in ("14x14", "64x64"):
+        p = result["prior"][grid]
+        lines.append(
+            f"  {grid:<6} ({p['tokens']} tokens): build {p['uncached_ms']:.3f} ms [{p['uncached_iqr_ms']:.3f}]"
+            f"   hit {p['cached_us']:.2f} us [{p['cached_iqr_us']:.2f}]   x{p['speedup']:.0f}"
+        )
+    t = result["text"]
+    lines += [
+        "",
+        f"Text tower: {t['model']}, {t['templates']} templates x {t['names']} names = {t['prompts']} prompts, "
+        f"{t['full_tokens']} -> {t['trimmed_tokens']} tokens",
+        f"  full: {t['full_ms']:.1f} ms [{t['full_iqr_ms']:.1f}]   trimmed: {t['trimmed_ms']:.1f} ms "
+        f"[{t['trimmed_iqr_ms']:.1f}]   speed-up x{t['speedup']:.2f} (target >= {TEXT_SPEEDUP_TARGET:.0f})",
+        f"  max deviation 1 - min cosine: {t['max_deviation']:.2e} (target <= {TEXT_DEVIATION_TARGET:.0e})",
+        f"  text_classifier disk cache: miss {t['cache_miss_ms']:.1f} ms [{t['cache_miss_iqr_ms']:.1f}]   "
+        f"hit {t['cache_hit_ms']:.2f} ms [{t['cache_hit_iqr_ms']:.2f}]   x{t['cache_speedup']:.0f}   "
+        f"hit == miss: {t['cache_hit_equal']}",
+    ]
+    m = result["memory"]
+    if m is not None:
+        lines += [
+            "",
+            f"Memory ({m['method']}): {m['model']} segmenting one {m['image_size'][0]}x{m['image_size'][1]} image "
+            f"({m['crops']} crops, {m['classes']} classes) on {m['device']}",
+            f"  after loading: {m['baseline_mb']:.0f} MiB   peak: {m['peak_mb']:.0f} MiB   "
+            f"peak - baseline: {m['delta_mb']:.0f} MiB",
+        ]
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", nargs="+", default=None, help="open_clip ViT names (default ViT-B-16 ViT-B-32)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed rounds per section (default 10)")
+    parser.add_argument("--text-repeats", type=int, default=None, help="rounds of the slow text section (default 3)")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--precision", default="fp32", choices=list(PRECISIONS), help="fp16/bf16 need --device cuda")
+    parser.add_argument("--pretrained", default=None, help="open_clip tag or weights file (default random weights)")
+    parser.add_argument("--memory", action="store_true", help="also measure peak memory in a fresh subprocess")
+    parser.add_argument("--memory-model", default=None, help="model of --memory (default ViT-L-14; --quick: first)")
+    parser.add_argument("--out", default=None, help="write the result as JSON here")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes for tests: ViT-B-32, 2 rounds, tiny images")
+    parser.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parse and validate the command line; fills sizes from the full or the --quick profile."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.memory_child is not None:
+        return args
+    profile = QUICK if args.quick else FULL
+    args.models = args.models or list(profile["models"])
+    args.repeats = profile["repeats"] if args.repeats is None else args.repeats
+    args.text_repeats = profile["text_repeats"] if args.text_repeats is None else args.text_repeats
+    args.memory_model = args.memory_model or profile["memory_model"] or args.models[0]
+    args.profile = profile
+    known = set(open_clip.list_models())
+    for name in [*args.models, args.memory_model]:
+        if name not in known:
+            parser.error(f"unknown open_clip model {name!r}; e.g. ViT-B-16, ViT-B-32, ViT-L-14")
+    if args.repeats < 1 or args.text_repeats < 1:
+        parser.error(f"--repeats and --text-repeats must be >= 1, got {args.repeats} and {args.text_repeats}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda requested but torch.cuda.is_available() is False; use --device cpu")
+    if args.precision != "fp32" and args.device != "cuda":
+        parser.error(f"--precision {args.precision} is for GPUs; use --device cuda or --precision fp32")
+    return args
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """All sections; the first model also serves the batching and text sections."""
+    profile = args.profile
+    device = torch.device(args.device)
+    sync = make_sync(device)
+    warmup = profile["warmup"]
+    torch.manual_seed(0)
+    image = torch.randn(3, *profile["encoder_image"], device=device)  # a CLIP-normalized image
+    crops = slide_crops(image)  # (n, 3, CROP, CROP)
+    result: dict[str, Any] = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({cpu_name()})",
+        "torch": torch.__version__,
+        "open_clip": open_clip.__version__,
+        "threads": torch.get_num_threads(),
+        "precision": args.precision,
+        "pretrained": args.pretrained,
+        "repeats": args.repeats,
+        "warmup": warmup,
+        "encoder_image": list(profile["encoder_image"]),
+        "encoder": [],
+    }
+    with torch.inference_mode():
+        for i, name in enumerate(args.models):
+            model = load_clip(name, args.pretrained, device=device, precision=args.precision)
+            print(f"[bench] encoder {name} ...", file=sys.stderr, flush=True)
+            result["encoder"] += bench_encoder(name, model, crops, args.repeats, warmup, sync)
+            if i == 0:
+                print(f"[bench] batching {name} ...", file=sys.stderr, flush=True)
+                result["batching"] = bench_batching(
+                    name, model, device, profile["batch_images"], profile["batch_image"], args.repeats, warmup, sync
+                )
+                print(f"[bench] text {name} ...", file=sys.stderr, flush=True)
+                result["text"] = bench_text(name, model, device, profile["text_names"], args.text_repeats, sync)
+            del model
+            gc.collect()
+        print("[bench] prior ...", file=sys.stderr, flush=True)
+        result["prior"] = bench_prior(device, args.repeats, warmup, sync)
+    result["memory"] = None
+    if args.memory:
+        print(f"[bench] memory {args.memory_model} ...", file=sys.stderr, flush=True)
+        spec = {
+            "model": args.memory_model,
+            "pretrained": args.pretrained,
+            "device": args.device,
+            "precision": args.precision,
+            "image": list(profile["memory_image"]),
+        }
+        result["memory"] = bench_memory(spec)
+    return result
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.memory_child is not None:
+        print(json.dumps(memory_child(json.loads(args.memory_child))))
+        return 0
+    try:
+        result = run(args)
+    except (WeightsUnavailableError, ValueError) as err:
+        print(f"bench.py: error: {err}", file=sys.stderr)
+        return 2
+    print(format_report(result))
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

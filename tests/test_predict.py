@@ -1,0 +1,218 @@
+"""naclip.predict: class and input resolution, the in-process run, and the CLI through subprocesses (slow)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import imgviz
+import numpy as np
+import pytest
+from hydra import compose, initialize_config_dir
+from PIL import Image
+
+from naclip import Segmenter, config
+from naclip.clip import OPENAI_MEAN, OPENAI_STD
+from naclip.data import resize_image
+from naclip.predict import PredictError, find_images, resolve_classes, run
+from naclip.predictor import normalize_images
+
+
+def _write_image(path: Path, height: int, width: int, seed: int = 0) -> np.ndarray:
+    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path)
+    return pixels
+
+
+def _cfg(*overrides: str):
+    config.register()
+    with initialize_config_dir(config_dir=config.config_dir(), version_base="1.3"):
+        return compose(
+            "predict", overrides=["backbone=b32", "backbone.pretrained=null", "text_cache_dir=null", *overrides]
+        )
+
+
+# ------------------------------------------------------------------------------------------------ classes
+def test_classes_list_with_synonyms_and_background():
+    groups, display = resolve_classes(["car", "tree, bush", ["road", "street"]], ["wall", "floor"])
+    assert groups == [["wall", "floor"], ["car"], ["tree", "bush"], ["road", "street"]]
+    assert display == ["background", "car", "tree", "road"]
+
+
+def test_classes_without_background_keep_their_indices():
+    groups, display = resolve_classes(["sky", "grass"])
+    assert groups == [["sky"], ["grass"]] and display == ["sky", "grass"]
+
+
+def test_classes_from_file_and_packaged_name(tmp_path):
+    file = tmp_path / "names.txt"
+    file.write_text("cat\ndog, puppy\n", encoding="utf-8")
+    assert resolve_classes(str(file)) == ([["cat"], ["dog", "puppy"]], ["cat", "dog"])
+    groups, display = resolve_classes("voc21")
+    assert len(groups) == 21 and display[1] == "aeroplane"
+
+
+@pytest.mark.parametrize(
+    ("classes", "message"),
+    [([], "classes is empty"), (["car", " "], "empty entry"), ("no_such_file.txt", "no_such_file.txt"), (3, "list")],
+)
+def test_bad_classes_raise_one_line(classes, message):
+    with pytest.raises(PredictError, match=message) as info:
+        resolve_classes(classes)
+    assert "\n" not in str(info.value)
+
+
+# ------------------------------------------------------------------------------------------------- inputs
+def test_find_images_in_folder_sorted_by_name(tmp_path):
+    for name in ("b.png", "a.JPG", "c.webp", "notes.txt"):
+        (tmp_path / name).write_bytes(b"")
+    (tmp_path / "sub.png").mkdir()
+    assert [p.name for p in find_images(str(tmp_path))] == ["a.JPG", "b.png", "c.webp"]
+    assert find_images(str(tmp_path / "b.png")) == [tmp_path / "b.png"]
+
+
+def test_find_images_errors(tmp_path):
+    with pytest.raises(PredictError, match="does not exist"):
+        find_images(str(tmp_path / "missing.png"))
+    with pytest.raises(PredictError, match="holds no images"):
+        find_images(str(tmp_path))
+
+
+# ------------------------------------------------------------------------------------------ in-process run
+def test_run_writes_labels_and_overlays_at_image_size(tmp_path, monkeypatch, b32, capsys):
+    """Label PNGs hold exactly the segmenter's prediction at the image's size; stems stay unique."""
+    import naclip.predict as predict
+
+    monkeypatch.setattr(predict, "load_clip", lambda *args, **kwargs: b32)
+    images = tmp_path / "in"
+    images.mkdir()
+    pixels = {"a.png": _write_image(images / "a.png", 50, 70, 0), "a.bmp": _write_image(images / "a.bmp", 64, 40, 1)}
+    out = tmp_path / "out"
+    out.mkdir()
+    cfg = _cfg(
+        f"image={images}",
+        "classes=[sky, 'tree, bush']",
+        "background=[wall]",
+        "short_side=64",
+        "slide_crop=64",
+        "slide_stride=32",
+        "prob_thd=0.4",
+    )
+    written = run(cfg, out)
+
+    assert sorted(p.name for p in written) == [
+        "a_bmp_labels.png",
+        "a_bmp_overlay.png",
+        "a_png_labels.png",
+        "a_png_overlay.png",
+    ]
+    assert capsys.readouterr().out.split() == [str(p) for p in written]
+    seg = Segmenter(b32, [["wall"], ["sky"], ["tree", "bush"]], slide_crop=64, slide_stride=32, prob_thd=0.4)
+    for name, source in pixels.items():
+        stem = name.replace(".", "_")
+        x = normalize_images(resize_image(source, 64, 2048), OPENAI_MEAN, OPENAI_STD)
+        expected = seg.predict_list([x], [source.shape[:2]])[0].numpy()
+        with Image.open(out / f"{stem}_labels.png") as png:
+            assert png.mode == "P" and png.size == (source.shape[1], source.shape[0])
+            np.testing.assert_array_equal(np.array(png), expected)
+            assert png.getpalette()[:768] == imgviz.label_colormap().flatten().tolist()
+        with Image.open(out / f"{stem}_overlay.png") as png:
+            assert png.mode == "RGB" and png.size == (source.shape[1], source.shape[0])
+
+
+def test_run_checks_config_before_loading_a_model(tmp_path, monkeypatch):
+    import naclip.predict as predict
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model must not be built for bad input")
+
+    monkeypatch.setattr(predict, "load_clip", no_model)
+    _write_image(tmp_path / "x.png", 8, 8)
+    with pytest.raises(ValueError, match="sigma"):
+        run(_cfg(f"image={tmp_path}", "classes=[a]", "attention.sigma=-1"), tmp_path)
+    with pytest.raises(PredictError, match="alpha"):
+        run(_cfg(f"image={tmp_path}", "classes=[a]", "alpha=3"), tmp_path)
+
+
+# --------------------------------------------------------------------------------------------------- CLI
+def _cli(tmp_path: Path, *args: str, pretrained: str = "null") -> tuple[subprocess.CompletedProcess, Path]:
+    out = tmp_path / "hydra_out"
+    command = [
+        sys.executable,
+        "-m",
+        "naclip.predict",
+        *args,
+        "backbone=b32",
+        f"backbone.pretrained={pretrained}",
+        "text_cache_dir=null",
+        "short_side=64",
+        "slide_crop=0",
+        f"hydra.run.dir={out}",
+    ]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}  # a tag that is not cached fails at once, never waits
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    return proc, out
+
+
+@pytest.mark.slow
+def test_cli_folder_with_background(tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    _write_image(folder / "first.png", 48, 80, 0)
+    _write_image(folder / "second.jpg", 70, 36, 1)
+    proc, out = _cli(tmp_path, f"image={folder}", "classes=[car,'tree, bush']", "background=[wall]", "prob_thd=0.5")
+    assert proc.returncode == 0, proc.stderr
+    names = {"first": (80, 48), "second": (36, 70)}
+    printed = [line for line in proc.stdout.splitlines() if line.endswith(".png")]
+    assert printed == [str(out / f"{n}_{kind}.png") for n in names for kind in ("labels", "overlay")]
+    for stem, size in names.items():
+        with Image.open(out / f"{stem}_labels.png") as png:
+            assert png.mode == "P" and png.size == size
+            assert set(np.unique(np.array(png))) <= {0, 1, 2}
+        with Image.open(out / f"{stem}_overlay.png") as png:
+            assert png.mode == "RGB" and png.size == size
+
+
+@pytest.mark.slow
+def test_cli_single_image_classes_from_file(tmp_path):
+    _write_image(tmp_path / "photo.png", 40, 52)
+    names = tmp_path / "names.txt"
+    names.write_text("sky\ngrass, lawn\ncar\n", encoding="utf-8")
+    proc, out = _cli(tmp_path, f"image={tmp_path / 'photo.png'}", f"classes={names}")
+    assert proc.returncode == 0, proc.stderr
+    with Image.open(out / "photo_labels.png") as png:
+        assert png.size == (52, 40) and set(np.unique(np.array(png))) <= {0, 1, 2}
+    assert (out / "photo_overlay.png").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("missing", "does not exist"),
+        ("empty_dir", "holds no images"),
+        ("no_classes", "classes is empty"),
+        ("unreadable", "cannot read image"),
+        ("no_weights", "could not download CLIP weights"),
+    ],
+)
+def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, case, message):
+    good = tmp_path / "good.png"
+    _write_image(good, 32, 32)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "broken.jpg").write_bytes(b"not a jpeg")
+    args = {
+        "missing": [f"image={tmp_path / 'nope.png'}", "classes=[a]"],
+        "empty_dir": [f"image={tmp_path / 'empty'}", "classes=[a]"],
+        "no_classes": [f"image={good}", "classes=[]"],
+        "unreadable": [f"image={tmp_path / 'broken.jpg'}", "classes=[a]"],
+        "no_weights": [f"image={good}", "classes=[a]"],
+    }[case]
+    proc, out = _cli(tmp_path, *args, pretrained="openai" if case == "no_weights" else "null")
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("naclip.predict: error: ") and message in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+    assert not list(out.glob("*.png"))

@@ -1,0 +1,195 @@
+"""naclip.viz: attention maps against the encoder and the plain Gaussian, overlays and palette PNGs."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import imgviz
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from naclip import DenseEncoder
+from naclip.viz import attention_maps, image_grid, overlay, palette_png, plot_attention
+
+ROWS, COLS = 5, 6  # patch grid of a 160x192 image with ViT-B/32
+PATCHES = [(0, 0), (2, 3), (4, 5)]
+
+
+@pytest.fixture(scope="module")
+def image() -> torch.Tensor:
+    torch.manual_seed(1)
+    return torch.randn(3, 32 * ROWS, 32 * COLS)
+
+
+@pytest.fixture(scope="module")
+def maps(b32, image) -> dict[str, torch.Tensor]:
+    return attention_maps(b32, image, PATCHES, variants=("vanilla", "kk_sim", "n_only", "full"), sigma=2.0)
+
+
+def test_attention_maps_shapes(maps):
+    assert list(maps) == ["vanilla", "kk_sim", "n_only", "full"]
+    for value in maps.values():
+        assert value.shape == (len(PATCHES), ROWS, COLS)
+        assert value.dtype == torch.float32
+        sums = value.sum(dim=(1, 2))  # mass on patches: all but the CLS token's share
+        assert torch.all(sums > 0.5) and torch.all(sums <= 1 + 1e-5)
+
+
+def test_attention_maps_match_encoder_rows(b32, image, maps):
+    """Patch (r, c) is token 1 + r*cols + c of the encoder's own attention, averaged over heads."""
+    for name in ("vanilla", "full"):
+        weights, grid = DenseEncoder(b32, attention=name, sigma=2.0).attention_weights(image[None])
+        assert grid == (ROWS, COLS)
+        for i, (r, c) in enumerate(PATCHES):
+            row = weights[0, :, 1 + r * COLS + c, 1:].mean(dim=0).reshape(ROWS, COLS)
+            torch.testing.assert_close(maps[name][i], row)
+
+
+def test_batched_and_unbatched_image_agree(b32, image, maps):
+    again = attention_maps(b32, image[None], PATCHES[:1], variants=("full",), sigma=2.0)
+    torch.testing.assert_close(again["full"][0], maps["full"][0])
+
+
+def test_neighbourhood_only_follows_the_gaussian(maps):
+    """softmax(c·ω): log-attention is affine in ω with a positive slope and peaks at the query patch."""
+    rr, cc = np.meshgrid(np.arange(ROWS), np.arange(COLS), indexing="ij")
+    for i, (r, c) in enumerate(PATCHES):
+        omega = np.exp(-((rr - r) ** 2 + (cc - c) ** 2) / (2 * 2.0**2))
+        logs = np.log(maps["n_only"][i].double().numpy())
+        slope, intercept = np.polyfit(omega.ravel(), logs.ravel(), 1)
+        assert slope > 0
+        np.testing.assert_allclose(logs, slope * omega + intercept, atol=1e-4)
+        assert np.unravel_index(np.argmax(logs), logs.shape) == (r, c)
+
+
+def test_full_attention_is_more_local_than_vanilla(maps):
+    rr, cc = np.meshgrid(np.arange(ROWS), np.arange(COLS), indexing="ij")
+    for i, (r, c) in enumerate(PATCHES):
+        near = torch.from_numpy(np.hypot(rr - r, cc - c) <= 2)
+        share = {n: (maps[n][i][near].sum() / maps[n][i].sum()).item() for n in ("vanilla", "full")}
+        assert share["full"] > share["vanilla"] + 0.05, share
+
+
+def test_attention_maps_reject_bad_input(b32, image):
+    with pytest.raises(ValueError, match=r"outside the 5x6 patch grid"):
+        attention_maps(b32, image, [(5, 0)])
+    with pytest.raises(ValueError, match="unknown attention 'nope'"):
+        attention_maps(b32, image, [(0, 0)], variants=("nope",))
+    with pytest.raises(ValueError, match="unknown arch"):
+        attention_maps(b32, image, [(0, 0)], arch="nope")
+    with pytest.raises(ValueError, match="one"):
+        attention_maps(b32, torch.stack([image, image]), [(0, 0)])
+
+
+def _picture(height: int = 40, width: int = 56) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+    labels = np.zeros((height, width), dtype=np.int64)
+    labels[:, width // 2 :] = 2
+    labels[height - 5 :, :5] = 255  # ignore: coloured, no legend entry
+    return pixels, labels
+
+
+def test_overlay_blends_with_the_voc_palette():
+    pixels, labels = _picture()
+    out = overlay(pixels, labels, ["background", "cat", "dog"], alpha=0.25, legend=False)
+    colours = imgviz.label_colormap()
+    expected = np.rint(0.75 * pixels.astype(np.float64) + 0.25 * colours[labels]).astype(np.uint8)
+    assert out.shape == (40, 56, 3) and out.dtype == np.uint8
+    assert np.abs(out.astype(int) - expected.astype(int)).max() <= 1
+    np.testing.assert_array_equal(overlay(pixels, labels, ["a"], alpha=0.0, legend=False), pixels)
+    np.testing.assert_array_equal(overlay(pixels, labels, ["a"], alpha=1.0, legend=False), colours[labels])
+
+
+def test_overlay_legend_stays_inside_and_accepts_chw():
+    pixels, labels = _picture(120, 160)
+    plain = overlay(pixels, labels, ["background", "cat", "dog"], legend=False)
+    with_legend = overlay(torch.from_numpy(pixels).permute(2, 0, 1), labels, ["background", "cat", "dog"])
+    assert with_legend.shape == (120, 160, 3)
+    changed = np.any(with_legend != plain, axis=-1)
+    assert changed[:20, :20].any()  # the legend box is top-left
+    assert not changed[60:, 80:].any()  # the rest of the image is untouched
+
+
+def test_overlay_rejects_mismatched_sizes():
+    pixels, labels = _picture()
+    with pytest.raises(ValueError, match="same"):
+        overlay(pixels, labels[:10], ["a"])
+    with pytest.raises(ValueError, match="alpha"):
+        overlay(pixels, labels, ["a"], alpha=2.0)
+
+
+def test_palette_png_round_trips_indices_and_palette(tmp_path):
+    _, labels = _picture()
+    path = palette_png(torch.from_numpy(labels), tmp_path / "labels.png")
+    with Image.open(path) as png:
+        assert png.mode == "P"
+        assert png.size == (56, 40)
+        np.testing.assert_array_equal(np.array(png), labels)
+        palette = np.array(png.getpalette()[: 256 * 3]).reshape(256, 3)
+    np.testing.assert_array_equal(palette, imgviz.label_colormap())
+
+
+def test_palette_png_rejects_out_of_range(tmp_path):
+    with pytest.raises(ValueError, match=r"0\.\.255"):
+        palette_png(np.full((4, 4), 256), tmp_path / "x.png")
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_plot_attention_draws_every_panel(tmp_path, image, maps):
+    pixels = np.zeros((32 * ROWS, 32 * COLS, 3), dtype=np.uint8)
+    fig = plot_attention(pixels, maps, PATCHES, path=tmp_path / "attention.png")
+    assert len(fig.axes) == len(PATCHES) * (1 + len(maps))
+    assert [ax.get_title() for ax in fig.axes[:2]] == ["image", "vanilla (CLIP: q·k)"]
+    with Image.open(tmp_path / "attention.png") as png:
+        assert png.format == "PNG" and min(png.size) > 100
+    with pytest.raises(ValueError, match="expected"):
+        plot_attention(pixels, maps, PATCHES[:1])
+
+
+def test_image_grid_layout(tmp_path):
+    tiles = [[np.zeros((8, 10, 3), np.uint8)] * 3] * 2
+    fig = image_grid(tiles, ["image", "CLIP", "NACLIP"], path=tmp_path / "grid.png")
+    assert len(fig.axes) == 6 and (tmp_path / "grid.png").is_file()
+    assert math.isclose(fig.get_figwidth() / 3, 2.4, rel_tol=0.01)
+    with pytest.raises(ValueError, match="one image per title"):
+        image_grid(tiles, ["only one"])
+
+
+@pytest.mark.slow
+def test_figures_script_on_synthetic(tmp_path):
+    script = Path(__file__).resolve().parent.parent / "scripts" / "figures.py"
+    command = [
+        sys.executable,
+        str(script),
+        "--dataset",
+        "synthetic",
+        "--backbone",
+        "b32",
+        "--pretrained",
+        "null",
+        "--num-images",
+        "2",
+        "--out",
+        str(tmp_path),
+        "text_cache_dir=null",
+    ]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    expected = ["attention_00_synthetic_000.png", "attention_01_synthetic_001.png", "qualitative.png"]
+    assert proc.stdout.split() == [str(tmp_path / name) for name in expected]
+    for name in expected:
+        with Image.open(tmp_path / name) as png:
+            assert png.format == "PNG" and min(png.size) > 100
+    bad = subprocess.run(
+        [sys.executable, str(script), "--dataset", "nope", "--pretrained", "null"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert bad.returncode == 2 and bad.stderr.startswith("figures: error: ") and "nope" in bad.stderr

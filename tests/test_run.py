@@ -1,0 +1,267 @@
+"""The Hydra runner: every config composes, jobs write/skip/force results, W&B offline, bad input exits cleanly."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import OmegaConf, open_dict
+from PIL import Image
+
+from naclip import config
+from naclip.data import list_layouts
+
+CONF = Path(config.config_dir())
+GROUPS = ["backbone", "attention", "arch", "refine", "dataset", "logger"]
+SMOKE = ["dataset=synthetic", "backbone=b32", "backbone.pretrained=null", "num_workers=0", "dataset.num_images=3"]
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+def compose_run(overrides: list[str], hydra_cfg: bool = False):
+    config.register()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose("config", overrides=overrides, return_hydra_config=hydra_cfg)
+
+
+@pytest.fixture(autouse=True)
+def _isolated(tmp_path, monkeypatch):
+    monkeypatch.setenv("NACLIP_OUTPUT", str(tmp_path / "outputs"))
+    monkeypatch.setenv("NACLIP_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("NACLIP_DATA", str(tmp_path / "data"))
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    yield
+    GlobalHydra.instance().clear()
+
+
+@pytest.mark.parametrize(("group", "option"), [(g, o) for g in GROUPS for o in options(g)])
+def test_every_group_option_composes_and_validates(group, option):
+    cfg = compose_run([f"{group}={option}"])
+    config.validate(cfg)
+    assert cfg[group].name == option
+    OmegaConf.to_container(cfg, resolve=True)
+
+
+@pytest.mark.parametrize("experiment", options("experiment"))
+def test_experiment_presets_hold_sweeps(experiment):
+    cfg = compose_run([f"+experiment={experiment}"], hydra_cfg=True)
+    assert cfg.experiment_name == experiment
+    params = cfg.hydra.sweeper.params
+    assert params and all(isinstance(v, str) and "," in v for v in params.values())
+    for group, values in params.items():
+        for value in values.split(","):
+            if "." not in group:
+                assert value in options(group), (group, value)
+
+
+def test_expected_options_exist():
+    assert options("attention") == ["full", "kk_sim", "n_only", "vanilla"]
+    assert options("arch") == ["reduced", "vanilla"]
+    assert options("backbone") == ["b16", "b32", "l14"]
+    assert set(options("dataset")) >= {
+        "voc21", "voc20", "pc60", "pc59", "coco_object", "coco_stuff", "cityscapes", "ade", "demo", "synthetic",
+    }
+    assert set(list_layouts()) >= {"voc", "context", "ade", "cityscapes", "coco_stuff", "coco_object", "hf"}
+
+
+def test_defaults_are_the_paper_method():
+    cfg = compose_run([])
+    assert (cfg.backbone.model, cfg.backbone.pretrained) == ("ViT-B-16", "openai")
+    assert (cfg.attention.name, cfg.attention.sigma, cfg.arch.name, cfg.refine.name) == ("full", 5.0, "reduced", "none")
+    assert cfg.dataset.name == "demo" and cfg.logger.name == "local"
+
+
+@pytest.mark.parametrize(
+    ("dataset", "prob_thd", "slide_crop", "short"),
+    [("voc21", 0.1, 0, 336), ("voc20", 0.0, 0, 336), ("pc60", 0.1, 224, 336), ("coco_object", 0.1, 224, 336),
+     ("ade", 0.0, 224, 336), ("cityscapes", 0.0, 224, 560)],
+)
+def test_protocol_values(dataset, prob_thd, slide_crop, short):
+    cfg = compose_run([f"dataset={dataset}"])
+    assert (cfg.dataset.prob_thd, cfg.dataset.slide_crop, cfg.dataset.short_side) == (prob_thd, slide_crop, short)
+    assert cfg.dataset.logit_scale == 40.0 and cfg.dataset.ignore_index == 255
+
+
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [
+        (["attention.sigma=abc"], "sigma"),
+        (["attention.sigmaa=3"], "sigmaa"),
+        (["attention=qq"], "qq"),
+        (["batch_size=x"], "batch_size"),
+    ],
+)
+def test_schema_fails_early(overrides, match):
+    with pytest.raises(Exception, match=match):
+        compose_run(overrides)
+
+
+@pytest.mark.parametrize("override", ["attention.sigma=0", "attention.sigma=-2", "on_error=maybe", "batch_size=0"])
+def test_validate_rejects(override):
+    with pytest.raises(ValueError):
+        config.validate(compose_run([override]))
+
+
+def run_in_process(overrides: list[str], out_dir: Path) -> dict:
+    """Compose with the Hydra config and call the runner's evaluate, as the Hydra app does."""
+    from naclip.run import evaluate
+
+    cfg = compose_run(overrides, hydra_cfg=True)
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        del cfg["hydra"]
+    return evaluate(cfg, out_dir)
+
+
+def test_run_writes_result_then_skips_then_force(tmp_path, capsys):
+    out = tmp_path / "job"
+    result = run_in_process(SMOKE, out)
+    saved = json.loads((out / "result.json").read_text())
+    for key in ("miou", "per_class_iou", "pixel_acc", "num_images", "seconds", "images_per_sec", "peak_memory_mb",
+                "choices", "overrides", "config", "versions", "git_commit", "finished_at"):
+        assert key in saved, key
+    assert saved["num_images"] == 3 and 0 <= saved["miou"] <= 100
+    assert saved["choices"]["dataset"] == "synthetic" and saved["choices"]["backbone"] == "b32"
+    assert list(saved["per_class_iou"]) == ["black background", "red circle", "green square", "blue triangle"]
+    assert saved["config"]["attention"]["sigma"] == 5.0
+    assert result["miou"] == saved["miou"]
+    assert "mIoU" in capsys.readouterr().out
+
+    again = run_in_process(SMOKE, out)
+    assert again["finished_at"] == saved["finished_at"]
+    assert "skipped" in capsys.readouterr().out
+
+    time.sleep(1.1)
+    forced = run_in_process([*SMOKE, "force=true"], out)
+    assert forced["finished_at"] != saved["finished_at"]
+    assert forced["miou"] == pytest.approx(saved["miou"])
+
+
+def test_changed_config_is_not_skipped(tmp_path):
+    out = tmp_path / "job"
+    first = run_in_process(SMOKE, out)
+    second = run_in_process([*SMOKE, "attention=kk_sim"], out)
+    assert second["finished_at"] >= first["finished_at"]
+    assert json.loads((out / "result.json").read_text())["choices"]["attention"] == "kk_sim"
+
+
+def test_wandb_offline_writes_files(tmp_path):
+    out = tmp_path / "job"
+    run_in_process([*SMOKE, "logger=wandb", "logger.log_images=2"], out)
+    assert (out / "result.json").is_file()
+    runs = list((out / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    log = next(runs[0].glob("*.wandb")).read_bytes()  # offline runs keep everything in this record log
+    assert b"miou" in log and b"iou/red circle" in log and b"choices" in log
+    assert len(list(runs[0].rglob("predictions_*.png"))) == 2
+    table = json.loads(next(runs[0].rglob("per_class_iou*.table.json")).read_text())
+    assert [row[0] for row in table["data"]] == ["black background", "red circle", "green square", "blue triangle"]
+
+
+def _voc_folder(root: Path, corrupt: bool = False) -> None:
+    rng = np.random.default_rng(0)
+    (root / "JPEGImages").mkdir(parents=True)
+    (root / "SegmentationClass").mkdir()
+    (root / "ImageSets" / "Segmentation").mkdir(parents=True)
+    names = ["2007_000001", "2007_000002"]
+    for name in names:
+        Image.fromarray(rng.integers(0, 255, (40, 56, 3), dtype=np.uint8)).save(root / "JPEGImages" / f"{name}.jpg")
+        label = rng.integers(0, 21, (40, 56), dtype=np.uint8)
+        label[0] = 255
+        Image.fromarray(label, mode="L").save(root / "SegmentationClass" / f"{name}.png")
+    if corrupt:
+        (root / "JPEGImages" / f"{names[1]}.jpg").write_bytes(b"not a jpeg")
+    (root / "ImageSets" / "Segmentation" / "val.txt").write_text("\n".join(names) + "\n")
+
+
+def test_local_voc_layout_and_on_error_skip(tmp_path):
+    root = tmp_path / "voc"
+    _voc_folder(root, corrupt=True)
+    common = ["dataset=voc21", f"dataset.root={root}", "backbone=b32", "backbone.pretrained=null", "num_workers=0"]
+    from naclip.data import DatasetError
+
+    with pytest.raises(DatasetError, match="2007_000002"):
+        run_in_process(common, tmp_path / "a")
+    assert not (tmp_path / "a" / "result.json").exists()
+    result = run_in_process([*common, "on_error=skip"], tmp_path / "b")
+    assert result["num_images"] == 1
+    assert [s["path"] for s in result["skipped"]] == [str(root / "JPEGImages" / "2007_000002.jpg")]
+    assert len(result["per_class_iou"]) == 21
+
+
+def test_batched_images_equal_single(tmp_path):
+    one = run_in_process([*SMOKE, "batch_size=1"], tmp_path / "one")
+    three = run_in_process([*SMOKE, "batch_size=3"], tmp_path / "three")
+    assert one["miou"] == pytest.approx(three["miou"], abs=1e-9)
+    assert one["per_class_iou"] == pytest.approx(three["per_class_iou"])
+
+
+def cli(args: list[str], tmp_path: Path, **env: str) -> subprocess.CompletedProcess:
+    environ = {**os.environ, "NACLIP_OUTPUT": str(tmp_path / "outputs"), "NACLIP_CACHE": str(tmp_path / "cache"),
+               "NACLIP_DATA": str(tmp_path / "data"), **env}
+    return subprocess.run([sys.executable, "-m", "naclip.run", *args], capture_output=True, text=True, env=environ,
+                          timeout=300, check=False)
+
+
+@pytest.mark.slow
+def test_cli_smoke_run_and_tables(tmp_path):
+    proc = cli(SMOKE, tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    results = list((tmp_path / "outputs").rglob("result.json"))
+    assert len(results) == 1
+    assert "mIoU" in proc.stdout
+    tables = subprocess.run([sys.executable, "-m", "naclip.tables", "--source", "local", str(tmp_path / "outputs"),
+                             "--out", str(tmp_path / "tables")], capture_output=True, text=True, check=False)
+    assert tables.returncode == 0, tables.stderr
+    assert (tmp_path / "tables" / "table1.csv").is_file()
+
+
+@pytest.mark.slow
+def test_cli_sigma_sweep_with_multirun(tmp_path):
+    proc = cli(["-m", *SMOKE, "attention.sigma=2,6"], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    results = sorted((tmp_path / "outputs" / "sweeps").rglob("result.json"))
+    sigmas = sorted(json.loads(p.read_text())["config"]["attention"]["sigma"] for p in results)
+    assert sigmas == [2.0, 6.0]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("args", "env", "match"),
+    [
+        (["dataset=ade", "backbone.pretrained=null"], {}, "NACLIP_DATA"),
+        (["dataset=synthetic"], {"HF_ENDPOINT": "https://unreachable.invalid", "HF_HOME": "/nonexistent-hf"},
+         "backbone.pretrained"),
+        (["dataset=synthetic", "backbone.pretrained=null", "attention.sigma=-1"], {}, "sigma"),
+    ],
+    ids=["missing-root", "weights-offline", "bad-sigma"],
+)
+def test_cli_bad_input_one_line_nothing_written(tmp_path, args, env, match):
+    start = time.monotonic()
+    proc = cli(args, tmp_path, **env)
+    assert time.monotonic() - start < 30
+    assert proc.returncode == 2
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and match in lines[0] and lines[0].startswith("naclip.run: error:"), proc.stderr
+    assert "Traceback" not in proc.stderr
+    written = [p for p in (tmp_path / "outputs").rglob("*") if p.is_file()]
+    assert written == []
+
+
+@pytest.mark.slow
+def test_cli_unknown_option_lists_choices(tmp_path):
+    proc = cli(["attention=qq"], tmp_path)
+    assert proc.returncode != 0
+    assert "full" in proc.stderr and "kk_sim" in proc.stderr

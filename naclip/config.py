@@ -130,6 +130,35 @@ class PredictConfig:
     text_cache_dir: str | None = None
 
 
+def build_segmenter(cfg: Any, class_names: list[list[str]], protocol: Any, device: str) -> tuple[Any, tuple, tuple]:
+    """The model and segmenter a run or predict config describes: (segmenter on device, mean, std).
+
+    `protocol` holds slide_crop, slide_stride, logit_scale and prob_thd (the dataset group, or predict's top level).
+    """
+    from naclip.clip import image_mean_std, load_clip
+    from naclip.segmenter import Segmenter
+
+    backbone = cfg.backbone
+    model = load_clip(backbone.model, backbone.pretrained, device, backbone.precision, quick_gelu=backbone.quick_gelu)
+    segmenter = Segmenter(
+        model,
+        class_names,
+        attention=cfg.attention.name,
+        arch=cfg.arch.name,
+        sigma=cfg.attention.sigma,
+        slide_crop=protocol.slide_crop,
+        slide_stride=protocol.slide_stride,
+        logit_scale=protocol.logit_scale,
+        prob_thd=protocol.prob_thd,
+        pamr=cfg.refine.name == "pamr",
+        pamr_steps=cfg.refine.steps,
+        pamr_dilations=tuple(cfg.refine.dilations),
+        crop_batch_size=cfg.crop_batch_size,
+        cache_dir=cfg.text_cache_dir,
+    ).to(device)
+    return segmenter, *image_mean_std(backbone.model, backbone.pretrained)
+
+
 def _dirname(overrides: str) -> str:
     """A job folder name from its overrides: never empty, no path separators."""
     return re.sub(r"[/\\]+", "_", overrides) or "default"

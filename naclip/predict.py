@@ -24,11 +24,10 @@ from omegaconf.errors import OmegaConfBaseException
 from PIL import Image
 
 from naclip import config
-from naclip.clip import WeightsUnavailableError, image_mean_std, load_clip
+from naclip.clip import WeightsUnavailableError
 from naclip.config import config_dir
 from naclip.data import DatasetError, load_class_names, resize_image
 from naclip.predictor import auto_device, normalize_images, read_image
-from naclip.segmenter import Segmenter
 from naclip.viz import overlay, palette_png
 
 IMAGE_SUFFIXES: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
@@ -109,25 +108,7 @@ def run(cfg: DictConfig, out_dir: Path) -> list[Path]:
         raise PredictError(f"short_side must be >= 0 (0 keeps the image size), got {cfg.short_side}")
 
     device = auto_device(cfg.backbone.device)
-    backbone = cfg.backbone
-    model = load_clip(backbone.model, backbone.pretrained, device, backbone.precision, quick_gelu=backbone.quick_gelu)
-    mean, std = image_mean_std(backbone.model, backbone.pretrained)
-    segmenter = Segmenter(
-        model,
-        class_names,
-        attention=cfg.attention.name,
-        arch=cfg.arch.name,
-        sigma=cfg.attention.sigma,
-        slide_crop=cfg.slide_crop,
-        slide_stride=cfg.slide_stride,
-        logit_scale=cfg.logit_scale,
-        prob_thd=cfg.prob_thd,
-        pamr=cfg.refine.name == "pamr",
-        pamr_steps=cfg.refine.steps,
-        pamr_dilations=list(cfg.refine.dilations),
-        crop_batch_size=cfg.crop_batch_size,
-        cache_dir=cfg.text_cache_dir,
-    ).to(device)
+    segmenter, mean, std = config.build_segmenter(cfg, class_names, cfg, device)
 
     written = []
     for path, stem in zip(images, _output_stems(images), strict=True):

@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from naclip import config
-from naclip.clip import WeightsUnavailableError, image_mean_std, load_clip
+from naclip.clip import WeightsUnavailableError
 from naclip.data import DatasetError, build_dataset, collate
 from naclip.metrics import IoUMetric
 from naclip.predictor import auto_device, normalize_images
@@ -38,7 +38,6 @@ from naclip.results import (
     read_finished_result,
     utc_now,
 )
-from naclip.segmenter import Segmenter
 
 log = logging.getLogger("naclip.run")
 config.register()
@@ -46,6 +45,11 @@ config.register()
 
 def setup_distributed(device: str) -> tuple[int, int]:
     """Join the torchrun process group if launched by torchrun: (rank, world size)."""
+    if "WORLD_SIZE" not in os.environ and "SUBMITIT_EXECUTOR" in os.environ:
+        # several tasks of one submitit/SLURM job: export torchrun-style variables (MASTER_ADDR, RANK, ...)
+        from submitit.helpers import TorchDistributedEnvironment
+
+        TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
@@ -118,26 +122,7 @@ def evaluate(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     count = len(dataset) if cfg.max_images is None else min(cfg.max_images, len(dataset))
     shard = torch.utils.data.Subset(dataset, shard_indices(count, rank, world))
 
-    model = load_clip(
-        cfg.backbone.model, cfg.backbone.pretrained, device, cfg.backbone.precision, quick_gelu=cfg.backbone.quick_gelu
-    )
-    mean, std = image_mean_std(cfg.backbone.model, cfg.backbone.pretrained)
-    segmenter = Segmenter(
-        model,
-        dataset.class_names,
-        attention=cfg.attention.name,
-        arch=cfg.arch.name,
-        sigma=cfg.attention.sigma,
-        slide_crop=cfg.dataset.slide_crop,
-        slide_stride=cfg.dataset.slide_stride,
-        logit_scale=cfg.dataset.logit_scale,
-        prob_thd=cfg.dataset.prob_thd,
-        pamr=cfg.refine.name == "pamr",
-        pamr_steps=cfg.refine.steps,
-        pamr_dilations=tuple(cfg.refine.dilations),
-        crop_batch_size=cfg.crop_batch_size,
-        cache_dir=cfg.text_cache_dir,
-    ).to(device)
+    segmenter, mean, std = config.build_segmenter(cfg, dataset.class_names, cfg.dataset, device)
     metric = IoUMetric(dataset.num_classes, ignore_index=dataset.ignore_index, device=device)
 
     sinks: list[Sink] = []

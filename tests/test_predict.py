@@ -83,9 +83,7 @@ def test_find_images_errors(tmp_path):
 # ------------------------------------------------------------------------------------------ in-process run
 def test_run_writes_labels_and_overlays_at_image_size(tmp_path, monkeypatch, b32, capsys):
     """Label PNGs hold exactly the segmenter's prediction at the image's size; stems stay unique."""
-    import naclip.predict as predict
-
-    monkeypatch.setattr(predict, "load_clip", lambda *args, **kwargs: b32)
+    monkeypatch.setattr("naclip.clip.load_clip", lambda *args, **kwargs: b32)
     images = tmp_path / "in"
     images.mkdir()
     pixels = {"a.png": _write_image(images / "a.png", 50, 70, 0), "a.bmp": _write_image(images / "a.bmp", 64, 40, 1)}
@@ -123,12 +121,10 @@ def test_run_writes_labels_and_overlays_at_image_size(tmp_path, monkeypatch, b32
 
 
 def test_run_checks_config_before_loading_a_model(tmp_path, monkeypatch):
-    import naclip.predict as predict
-
     def no_model(*args, **kwargs):
         raise AssertionError("the model must not be built for bad input")
 
-    monkeypatch.setattr(predict, "load_clip", no_model)
+    monkeypatch.setattr("naclip.clip.load_clip", no_model)
     _write_image(tmp_path / "x.png", 8, 8)
     with pytest.raises(ValueError, match="sigma"):
         run(_cfg(f"image={tmp_path}", "classes=[a]", "attention.sigma=-1"), tmp_path)

@@ -148,12 +148,13 @@ def load_clip(
             force_quick_gelu=use_quick_gelu,
             pretrained_text=False,
         )
-    except RuntimeError as err:
-        if pretrained is not None and ("size mismatch" in str(err) or "state_dict" in str(err)):
-            raise ValueError(f"weights {pretrained!r} do not match model {name}: {str(err).splitlines()[0]}") from err
-        raise
     except FileNotFoundError as err:
         raise WeightsUnavailableError(_offline_hint(name, str(pretrained), str(err).splitlines()[0])) from err
+    except Exception as err:  # a local file that is not a usable checkpoint of this architecture
+        if source is None or not Path(source).is_file():
+            raise
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ValueError(f"weights {pretrained!r} are not a usable open_clip {name} checkpoint: {first}") from err
     model.eval().requires_grad_(False)
     return model
 

@@ -55,12 +55,16 @@ def encode_text_trimmed(model: nn.Module, tokens: Tensor) -> Tensor:
 
 
 def _fingerprint(model: nn.Module) -> str:
-    """Cheap identity of the text tower's weights, so a cache never serves another model's embeddings."""
+    """Cheap identity of the text tower's weights, so a cache never serves another model's embeddings.
+
+    A strided sample of every text-tower tensor (all blocks included) keeps it fast for large models.
+    """
     h = hashlib.sha256()
-    for tensor in (model.text_projection, model.ln_final.weight, model.positional_embedding):
-        t = tensor.weight if isinstance(tensor, nn.Linear) else tensor
-        h.update(t.detach().float().cpu().numpy().tobytes())
-    h.update(model.token_embedding.weight[:256].detach().float().cpu().numpy().tobytes())
+    for name, tensor in model.state_dict().items():
+        if name.startswith("visual.") or not tensor.is_floating_point():
+            continue
+        h.update(name.encode())
+        h.update(tensor.detach().flatten()[::101].float().cpu().numpy().tobytes())
     return h.hexdigest()
 
 

@@ -251,7 +251,7 @@ def test_cli_sigma_sweep_with_multirun(tmp_path):
 def test_cli_bad_input_one_line_nothing_written(tmp_path, args, env, match):
     start = time.monotonic()
     proc = cli(args, tmp_path, **env)
-    assert time.monotonic() - start < 30
+    assert time.monotonic() - start < (10 if "HF_ENDPOINT" in env else 30)  # offline weights: fail fast
     assert proc.returncode == 2
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and match in lines[0] and lines[0].startswith("naclip.run: error:"), proc.stderr

@@ -89,11 +89,17 @@ class LoggerConfig:
 
 
 @dataclass
-class RunConfig:
+class MethodConfig:
+    """The groups every app shares: they define the model and the method."""
+
     backbone: BackboneConfig = MISSING
     attention: AttentionConfig = MISSING
     arch: ArchConfig = MISSING
     refine: RefineConfig = MISSING
+
+
+@dataclass
+class RunConfig(MethodConfig):
     dataset: DatasetConfig = MISSING
     logger: LoggerConfig = MISSING
     experiment_name: str = "default"
@@ -110,11 +116,7 @@ class RunConfig:
 
 
 @dataclass
-class PredictConfig:
-    backbone: BackboneConfig = MISSING
-    attention: AttentionConfig = MISSING
-    arch: ArchConfig = MISSING
-    refine: RefineConfig = MISSING
+class PredictConfig(MethodConfig):
     image: str = MISSING
     classes: Any = MISSING
     background: list[str] = field(default_factory=list)

@@ -69,19 +69,12 @@ def peak_memory_mb(device: str) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def _sum_across_ranks(value: float) -> float:
+def _across_ranks(value: float, op: str = "sum") -> float:
+    """`value` summed (or maxed) over all ranks; itself when not distributed."""
     if not dist.is_initialized():
         return value
     t = torch.tensor([value], dtype=torch.float64)
-    dist.all_reduce(t)
-    return float(t.item())
-
-
-def _max_across_ranks(value: float) -> float:
-    if not dist.is_initialized():
-        return value
-    t = torch.tensor([value], dtype=torch.float64)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
     return float(t.item())
 
 
@@ -197,8 +190,8 @@ def _loop(cfg, shard, segmenter, metric, mean, std, device, rank, sinks) -> dict
             )
     bar.close()
     scores = metric.compute()  # collective under torch.distributed: sums the confusion matrices
-    seconds = _max_across_ranks(time.perf_counter() - start)
-    total = int(_sum_across_ranks(seen))
+    seconds = _across_ranks(time.perf_counter() - start, "max")
+    total = int(_across_ranks(seen))
     for sink in sinks:
         sink.log_samples(samples)
     return {
@@ -208,7 +201,7 @@ def _loop(cfg, shard, segmenter, metric, mean, std, device, rank, sinks) -> dict
         "num_images": total,
         "seconds": round(seconds, 3),
         "images_per_sec": round(total / seconds, 4) if seconds > 0 else None,
-        "peak_memory_mb": round(_max_across_ranks(peak_memory_mb(device)), 1),
+        "peak_memory_mb": round(_across_ranks(peak_memory_mb(device), "max"), 1),
         "skipped": _gather_skipped(skipped),
     }
 

@@ -26,8 +26,8 @@ from PIL import Image
 from naclip import config
 from naclip.clip import WeightsUnavailableError
 from naclip.config import config_dir
-from naclip.data import DatasetError, load_class_names, resize_image
-from naclip.predictor import auto_device, normalize_images, read_image
+from naclip.data import DatasetError, load_class_names
+from naclip.predictor import auto_device, prepare_image, read_image
 from naclip.viz import overlay, palette_png
 
 IMAGE_SUFFIXES: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
@@ -113,8 +113,7 @@ def run(cfg: DictConfig, out_dir: Path) -> list[Path]:
     written = []
     for path, stem in zip(images, _output_stems(images), strict=True):
         pixels = read_image(path)  # (3, H, W) uint8
-        resized = resize_image(pixels, cfg.short_side, cfg.max_long_side) if cfg.short_side > 0 else pixels
-        x = normalize_images(resized.to(device), mean, std)  # (3, h, w)
+        x = prepare_image(pixels, mean, std, device, cfg.short_side, cfg.max_long_side)  # (3, h, w)
         with torch.no_grad():
             labels = segmenter.predict_list([x], [tuple(pixels.shape[-2:])])[0].cpu()  # (H, W)
         blended = overlay(pixels, labels, display, alpha=cfg.alpha)

@@ -30,6 +30,15 @@ def normalize_images(images: Tensor, mean: Sequence[float], std: Sequence[float]
     return (x - torch.tensor(mean, device=x.device).view(shape)) / torch.tensor(std, device=x.device).view(shape)
 
 
+def prepare_image(
+    pixels: Tensor, mean: Sequence[float], std: Sequence[float], device: str, short_side: int, max_long_side: int
+) -> Tensor:
+    """uint8 (3, H, W) → normalized (3, h, w) on `device`, resized by the benchmark protocol (short_side 0 = as is)."""
+    if short_side > 0:
+        pixels = resize_image(pixels, short_side, max_long_side)
+    return normalize_images(pixels.to(device), mean, std)
+
+
 def read_image(image: str | os.PathLike | Image.Image | np.ndarray | Tensor) -> Tensor:
     """A path, PIL image, HWC uint8 array or CHW uint8 tensor → uint8 tensor (3, H, W)."""
     if isinstance(image, str | os.PathLike):
@@ -79,10 +88,9 @@ class Predictor:
 
     def preprocess(self, image: Any) -> Tensor:
         """Raw image → normalized (3, h, w) on the device, resized by the protocol (short_side 0 = as is)."""
-        pixels = read_image(image)
-        if self.short_side > 0:
-            pixels = resize_image(pixels, self.short_side, self.max_long_side)
-        return normalize_images(pixels.to(self.device), self.mean, self.std)
+        return prepare_image(
+            read_image(image), self.mean, self.std, self.device, self.short_side, self.max_long_side
+        )
 
     @torch.no_grad()
     def __call__(self, image: Any) -> Tensor:

@@ -277,6 +277,15 @@ def test_cli_sigma_sweep_with_multirun(tmp_path):
     results = sorted((tmp_path / "outputs" / "sweeps").rglob("result.json"))
     sigmas = sorted(json.loads(p.read_text())["config"]["attention"]["sigma"] for p in results)
     assert sigmas == [2.0, 6.0]
+    # the README's next line: random weights reach the σ plot only with --include-partial
+    tables = [sys.executable, "-m", "naclip.tables", "--source", "local", str(tmp_path / "outputs"), "--out"]
+    plain = subprocess.run([*tables, str(tmp_path / "plain")], capture_output=True, text=True, check=False)
+    assert plain.returncode == 0 and "left out 2 of 2 results (2 with random weights)" in plain.stderr
+    assert not (tmp_path / "plain" / "sigma_sweep.png").exists()
+    marked = subprocess.run([*tables, str(tmp_path / "marked"), "--include-partial"], capture_output=True, text=True,
+                            check=False)
+    assert marked.returncode == 0, marked.stderr
+    assert (tmp_path / "marked" / "sigma_sweep.png").stat().st_size > 1000
 
 
 @pytest.mark.slow

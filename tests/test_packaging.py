@@ -26,7 +26,7 @@ def test_wheel_ships_configs_and_installed_package_finds_them(tmp_path):
     wheel = next((tmp_path / "dist").glob("naclip-*.whl"))
     names = set(zipfile.ZipFile(wheel).namelist())
     assert {"naclip/conf/config.yaml", "naclip/conf/attention/full.yaml", "naclip/conf/experiment/table1.yaml",
-            "naclip/classnames/voc21.txt"} <= names
+            "naclip/classnames/voc21.txt", "naclip/figures.py"} <= names
     site = tmp_path / "site"
     install = subprocess.run(
         [sys.executable, "-m", "pip", "install", "--no-deps", "--target", str(site), str(wheel)],

@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 import subprocess
 import sys
-from pathlib import Path
 
 import imgviz
 import numpy as np
@@ -102,8 +101,26 @@ def test_overlay_blends_with_the_voc_palette():
     expected = np.rint(0.75 * pixels.astype(np.float64) + 0.25 * colours[labels]).astype(np.uint8)
     assert out.shape == (40, 56, 3) and out.dtype == np.uint8
     assert np.abs(out.astype(int) - expected.astype(int)).max() <= 1
-    np.testing.assert_array_equal(overlay(pixels, labels, ["a"], alpha=0.0, legend=False), pixels)
-    np.testing.assert_array_equal(overlay(pixels, labels, ["a"], alpha=1.0, legend=False), colours[labels])
+    names = ["background", "cat", "dog"]
+    np.testing.assert_array_equal(overlay(pixels, labels, names, alpha=0.0, legend=False), pixels)
+    np.testing.assert_array_equal(overlay(pixels, labels, names, alpha=1.0, legend=False), colours[labels])
+
+
+def test_user_classes_are_never_black_only_background_is():
+    """naclip.predict's classes without background=[...]: `person` (class 0) must not look unlabelled."""
+    labels = np.repeat(np.arange(3), 8)[None].repeat(6, axis=0)  # (6, 24): stripes of classes 0, 1, 2
+    black = np.zeros((1, 1, 3), np.uint8)
+    voc = imgviz.label_colormap()
+    for names in (["person", "car", "dog"], ["background", "person", "car"], ["sky", "background", "tree"]):
+        painted = overlay(np.zeros((*labels.shape, 3), np.uint8), labels, names, alpha=1.0, legend=False)
+        for index, name in enumerate(names):
+            colour = painted[labels == index]
+            assert len(colour) and (colour == colour[0]).all()
+            assert (colour[0] == black).all() == (name == "background"), (names, name, colour[0])
+        user = [tuple(painted[labels == i][0]) for i, n in enumerate(names) if n != "background"]
+        assert len(set(user)) == len(user)  # distinct colours
+        # the user classes take the VOC palette's visible colours in order: 1, 2, ...
+        assert user == [tuple(voc[k]) for k in range(1, len(user) + 1)]
 
 
 def test_overlay_legend_stays_inside_and_accepts_chw():
@@ -135,6 +152,15 @@ def test_palette_png_round_trips_indices_and_palette(tmp_path):
     np.testing.assert_array_equal(palette, imgviz.label_colormap())
 
 
+def test_palette_png_with_names_matches_the_overlay_colours(tmp_path):
+    _, labels = _picture()
+    path = palette_png(labels, tmp_path / "labels.png", ["person", "car", "dog"])
+    with Image.open(path) as png:
+        np.testing.assert_array_equal(np.array(png), labels)
+        palette = np.array(png.getpalette()[: 256 * 3]).reshape(256, 3)
+    assert palette[0].tolist() == imgviz.label_colormap()[1].tolist() != [0, 0, 0]
+
+
 def test_palette_png_rejects_out_of_range(tmp_path):
     with pytest.raises(ValueError, match=r"0\.\.255"):
         palette_png(np.full((4, 4), 256), tmp_path / "x.png")
@@ -162,11 +188,11 @@ def test_image_grid_layout(tmp_path):
 
 
 @pytest.mark.slow
-def test_figures_script_on_synthetic(tmp_path):
-    script = Path(__file__).resolve().parent.parent / "scripts" / "figures.py"
+def test_figures_module_on_synthetic(tmp_path):
     command = [
         sys.executable,
-        str(script),
+        "-m",
+        "naclip.figures",
         "--dataset",
         "synthetic",
         "--backbone",
@@ -181,15 +207,30 @@ def test_figures_script_on_synthetic(tmp_path):
     ]
     proc = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
+    progress = [line for line in proc.stderr.splitlines() if line.startswith("naclip.figures: ")]
+    assert progress[0].startswith("naclip.figures: loading CLIP ViT-B-32 (random weights)")
+    assert sum(line.startswith("naclip.figures: image ") for line in progress) == 2
     expected = ["attention_00_synthetic_000.png", "attention_01_synthetic_001.png", "qualitative.png"]
     assert proc.stdout.split() == [str(tmp_path / name) for name in expected]
     for name in expected:
         with Image.open(tmp_path / name) as png:
             assert png.format == "PNG" and min(png.size) > 100
     bad = subprocess.run(
-        [sys.executable, str(script), "--dataset", "nope", "--pretrained", "null"],
+        [sys.executable, "-m", "naclip.figures", "--dataset", "nope", "--pretrained", "null"],
         capture_output=True,
         text=True,
         timeout=300,
     )
-    assert bad.returncode == 2 and bad.stderr.startswith("figures: error: ") and "nope" in bad.stderr
+    assert bad.returncode == 2 and bad.stderr.startswith("naclip.figures: error: ") and "nope" in bad.stderr
+
+
+def test_figures_weights_hint_names_its_own_flag(monkeypatch, capsys):
+    """naclip.figures has no backbone.pretrained key: its error must name --pretrained."""
+    from naclip import clip, figures
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # weights not cached and downloads off: fails before any model exists
+    monkeypatch.setattr(clip, "_cached_hf_file", lambda hf_hub: None)
+    assert figures.main(["--dataset", "synthetic", "--backbone", "b32", "--pretrained", "openai"]) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[-1].startswith("naclip.figures: error: could not download CLIP weights ViT-B-32/openai")
+    assert "--pretrained null" in lines[-1] and "backbone.pretrained" not in lines[-1]

@@ -120,7 +120,7 @@ def load_clip(
         pretrained: None for random weights, an open_clip tag ("openai", "laion2b_s34b_b88k", ...) or a path
             to a local .safetensors/.bin/.pt/.pth file.
         device: where the model lives.
-        precision: "fp32", "fp16" or "bf16" (half precisions are for GPUs).
+        precision: "fp32", "fp16" or "bf16"; half precision runs on CPU and GPU (the authors evaluated in fp16).
         quick_gelu: force QuickGELU on/off; None decides from the weights (OpenAI weights need it).
 
     Returns:

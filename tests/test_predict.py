@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import cv2
 import imgviz
 import numpy as np
 import open_clip
@@ -158,6 +159,31 @@ def test_run_writes_labels_and_overlays_at_image_size(tmp_path, monkeypatch, b32
             assert png.getpalette()[:768] == imgviz.label_colormap().flatten().tolist()
         with Image.open(out / f"{stem}_overlay.png") as png:
             assert png.mode == "RGB" and png.size == (source.shape[1], source.shape[0])
+
+
+def test_run_outputs_follow_the_exif_orientation(tmp_path, monkeypatch, b32):
+    """An orientation-6 JPEG is shown turned by 90°: labels and overlay come out in that orientation."""
+    monkeypatch.setattr("naclip.clip.load_clip", lambda *args, **kwargs: b32)
+    stored = np.random.default_rng(2).integers(0, 256, (40, 56, 3), dtype=np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    path = tmp_path / "phone.jpg"
+    Image.fromarray(stored).save(path, "JPEG", exif=exif)
+    out = tmp_path / "out"
+    out.mkdir()
+    run(_cfg(f"image={path}", "classes=[sky, tree]", "short_side=64", "slide_crop=0"), out)
+
+    flags = cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION  # the pixels as stored, tag ignored
+    decoded = cv2.cvtColor(cv2.imdecode(np.fromfile(path, np.uint8), flags), cv2.COLOR_BGR2RGB)
+    upright = np.ascontiguousarray(np.rot90(decoded, -1))  # (56, 40, 3): turned 90° clockwise
+    seg = Segmenter(b32, [["sky"], ["tree"]], slide_crop=0)
+    x = normalize_images(resize_image(upright, 64, 2048), OPENAI_MEAN, OPENAI_STD)
+    expected = seg.predict_list([x], [upright.shape[:2]])[0].numpy()
+    with Image.open(out / "phone_labels.png") as png:
+        assert png.size == (40, 56)
+        np.testing.assert_array_equal(np.array(png), expected)
+    with Image.open(out / "phone_overlay.png") as png:
+        assert png.size == (40, 56)
 
 
 def test_run_checks_config_before_loading_a_model(tmp_path, monkeypatch):

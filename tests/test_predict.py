@@ -177,7 +177,7 @@ def test_run_outputs_follow_the_exif_orientation(tmp_path, monkeypatch, b32):
     decoded = cv2.cvtColor(cv2.imdecode(np.fromfile(path, np.uint8), flags), cv2.COLOR_BGR2RGB)
     upright = np.ascontiguousarray(np.rot90(decoded, -1))  # (56, 40, 3): turned 90° clockwise
     seg = Segmenter(b32, [["sky"], ["tree"]], slide_crop=0)
-    x = normalize_images(resize_image(upright, 64, 2048), OPENAI_MEAN, OPENAI_STD)
+    x = ref.normalize(ref.resize(upright, 64))
     expected = seg.predict_list([x], [upright.shape[:2]])[0].numpy()
     with Image.open(out / "phone_labels.png") as png:
         assert png.size == (40, 56)

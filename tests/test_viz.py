@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from naclip import DenseEncoder
+from naclip.attention import attend, attention_weights, gaussian_prior, get_attention
 from naclip.viz import attention_maps, image_grid, overlay, palette_png, plot_attention
 
 ROWS, COLS = 5, 6  # patch grid of a 160x192 image with ViT-B/32
@@ -39,14 +39,57 @@ def test_attention_maps_shapes(maps):
         assert torch.all(sums > 0.5) and torch.all(sums <= 1 + 1e-5)
 
 
-def test_attention_maps_match_encoder_rows(b32, image, maps):
-    """Patch (r, c) is token 1 + r*cols + c of the encoder's own attention, averaged over heads."""
-    for name in ("vanilla", "full"):
-        weights, grid = DenseEncoder(b32, attention=name, sigma=2.0).attention_weights(image[None])
-        assert grid == (ROWS, COLS)
-        for i, (r, c) in enumerate(PATCHES):
-            row = weights[0, :, 1 + r * COLS + c, 1:].mean(dim=0).reshape(ROWS, COLS)
-            torch.testing.assert_close(maps[name][i], row)
+def _last_block_qk(model, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """q, k (h, 1+N, d) of the last block, from the input open_clip's own forward feeds it."""
+    block = model.visual.transformer.resblocks[-1]
+    seen = []
+    hook = block.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    try:
+        with torch.no_grad():
+            model.encode_image(image[None])
+    finally:
+        hook.remove()
+    x = block.ln_1(seen[0][0])  # (1+N, C), batch-first blocks
+    heads = block.attn.num_heads
+    q, k, _ = (x @ block.attn.in_proj_weight.T + block.attn.in_proj_bias).chunk(3, dim=-1)
+    return (t.reshape(len(x), heads, -1).transpose(0, 1) for t in (q, k))
+
+
+@pytest.mark.parametrize("variant", ["vanilla", "kk_sim", "full"])
+def test_attention_maps_equal_softmax_of_scaled_scores(b32, variant):
+    """softmax(q·kᵀ/√d [+ ω]) from the model's own last-block q and k, head average, CLS column dropped."""
+    native = torch.randn(3, 224, 224, generator=torch.Generator().manual_seed(2))  # 7x7 grid: no resizing
+    q, k = _last_block_qk(b32, native)
+    query = k if variant in ("kk_sim", "full") else q
+    scores = query @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])  # (h, 50, 50)
+    if variant == "full":
+        rr, cc = torch.meshgrid(torch.arange(7.0), torch.arange(7.0), indexing="ij")
+        rr, cc = rr.flatten(), cc.flatten()
+        omega = torch.zeros(50, 50)
+        omega[1:, 1:] = torch.exp(-((rr[:, None] - rr) ** 2 + (cc[:, None] - cc) ** 2) / (2 * 2.0**2))
+        scores = scores + omega
+    weights = scores.softmax(dim=-1).mean(dim=0)  # (50, 50)
+    patches = [(0, 0), (3, 4), (6, 2)]
+    got = attention_maps(b32, native, patches, variants=(variant,), sigma=2.0)[variant]
+    for i, (r, c) in enumerate(patches):
+        torch.testing.assert_close(got[i], weights[1 + r * 7 + c, 1:].reshape(7, 7), atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("variant", ["vanilla", "kk_sim", "n_only", "full"])
+def test_explicit_weights_are_the_fused_attention(variant):
+    """The figures' explicit weights, applied to v, give the fused kernel's output (softmax(QKᵀ/√d + bias) v)."""
+    gen = torch.Generator().manual_seed(3)
+    q = torch.randn(2, 4, 13, 16, generator=gen) * torch.tensor([1.0, 3.0])[:, None, None, None]
+    k = torch.randn(2, 4, 13, 16, generator=gen)
+    v = torch.randn(2, 4, 13, 16, generator=gen)
+    kind = get_attention(variant)
+    prior = gaussian_prior((3, 4), 1.5) if kind.uses_sigma else None
+    weights = attention_weights(kind, q, k, prior)
+    torch.testing.assert_close(weights.sum(-1), torch.ones(2, 4, 13))
+    torch.testing.assert_close(weights @ v, attend(kind, q, k, v, prior), atol=1e-5, rtol=1e-4)
+    if variant == "vanilla":
+        want = torch.softmax(q @ k.transpose(-2, -1) / 4.0, dim=-1)  # √d = 4
+        torch.testing.assert_close(weights, want, atol=1e-6, rtol=1e-5)
 
 
 def test_batched_and_unbatched_image_agree(b32, image, maps):

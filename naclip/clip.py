@@ -67,6 +67,26 @@ def _is_openai_archive(path: Path) -> bool:
         return any(n.endswith("constants.pkl") or "/code/" in n for n in zf.namelist())
 
 
+def _weights_format(path: Path) -> str | None:
+    """"safetensors", "zip" (torch.save / TorchScript), "pickle" (legacy torch.save), or None for anything else.
+
+    Checked from the first bytes, so a text file or a truncated download is refused with a clear message
+    before torch.load suggests ``weights_only=False``, which a user must not follow for an untrusted file.
+    """
+    try:
+        with path.open("rb") as f:
+            head = f.read(9)
+    except OSError:
+        return None
+    if zipfile.is_zipfile(path):
+        return "zip"
+    if len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") > 1:
+        return "safetensors"
+    if head[:1] == b"\x80":  # pickle protocol 2+
+        return "pickle"
+    return None
+
+
 def _file_needs_quick_gelu(name: str, path: Path) -> bool:
     if name.endswith("-quickgelu"):
         return True
@@ -85,6 +105,11 @@ def resolve_pretrained(name: str, pretrained: str) -> tuple[str, bool]:
     if looks_like_path:
         if not path.is_file():
             raise ValueError(f"weights file {pretrained!r} does not exist")
+        if _weights_format(path) is None:
+            raise ValueError(
+                f"{pretrained!r} is not a valid weights file (neither safetensors nor a PyTorch checkpoint); "
+                f"point backbone.pretrained at an open_clip .safetensors/.bin/.pt/.pth file"
+            )
         return str(path), _file_needs_quick_gelu(name, path)
     tags = open_clip.list_pretrained_tags_by_model(name)
     if pretrained not in tags:
@@ -154,6 +179,8 @@ def load_clip(
         if source is None or not Path(source).is_file():
             raise
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        if "weights_only" in str(err):  # torch.load's advice to unpickle arbitrary code: never pass it on
+            first = "it cannot be loaded as plain tensors, so it is not a valid weights file"
         raise ValueError(f"weights {pretrained!r} are not a usable open_clip {name} checkpoint: {first}") from err
     model.eval().requires_grad_(False)
     return model

@@ -130,6 +130,7 @@ class PredictConfig(MethodConfig):
     crop_batch_size: int = 64
     alpha: float = 0.5
     output_root: str = "outputs"
+    out: str = MISSING
     text_cache_dir: str | None = None
 
 

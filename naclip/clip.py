@@ -105,11 +105,6 @@ def resolve_pretrained(name: str, pretrained: str) -> tuple[str, bool]:
     if looks_like_path:
         if not path.is_file():
             raise ValueError(f"weights file {pretrained!r} does not exist")
-        if _weights_format(path) is None:
-            raise ValueError(
-                f"{pretrained!r} is not a valid weights file (neither safetensors nor a PyTorch checkpoint); "
-                f"point backbone.pretrained at an open_clip .safetensors/.bin/.pt/.pth file"
-            )
         return str(path), _file_needs_quick_gelu(name, path)
     tags = open_clip.list_pretrained_tags_by_model(name)
     if pretrained not in tags:
@@ -164,6 +159,11 @@ def load_clip(
         raise ValueError(f"unknown precision {precision!r}; valid: {list(PRECISIONS)}")
     source, auto_quick_gelu = (None, False) if pretrained is None else resolve_pretrained(name, pretrained)
     use_quick_gelu = auto_quick_gelu if quick_gelu is None else quick_gelu
+    if source is not None and Path(source).is_file() and _weights_format(Path(source)) is None:
+        raise ValueError(
+            f"{pretrained!r} is not a valid weights file (neither safetensors nor a PyTorch checkpoint); "
+            f"point backbone.pretrained at an open_clip .safetensors/.bin/.pt/.pth file"
+        )
     try:
         model = open_clip.create_model(
             name,

@@ -78,6 +78,26 @@ def _is_openai_archive(path: Path) -> bool:
         return any(n.endswith("constants.pkl") or "/code/" in n for n in zf.namelist())
 
 
+def _weights_format(path: Path) -> str | None:
+    """"safetensors", "zip" (torch.save / TorchScript), "pickle" (legacy torch.save), or None for anything else.
+
+    Checked from the first bytes, so a text file or a truncated download is refused with a clear message
+    before torch.load suggests ``weights_only=False``, which a user must not follow for an untrusted file.
+    """
+    try:
+        with path.open("rb") as f:
+            head = f.read(9)
+    except OSError:
+        return None
+    if zipfile.is_zipfile(path):
+        return "zip"
+    if len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") > 1:
+        return "safetensors"
+    if head[:1] == b"\x80":  # pickle protocol 2+
+        return "pickle"
+    return None
+
+
 def _file_needs_quick_gelu(name: str, path: Path) -> bool:
     if name.endswith("-quickgelu"):
         return True
@@ -150,6 +170,11 @@ def load_clip(
         raise ValueError(f"unknown precision {precision!r}; valid: {list(PRECISIONS)}")
     source, auto_quick_gelu = (None, False) if pretrained is None else resolve_pretrained(name, pretrained)
     use_quick_gelu = auto_quick_gelu if quick_gelu is None else quick_gelu
+    if source is not None and Path(source).is_file() and _weights_format(Path(source)) is None:
+        raise ValueError(
+            f"{pretrained!r} is not a valid weights file (neither safetensors nor a PyTorch checkpoint); "
+            f"point backbone.pretrained at an open_clip .safetensors/.bin/.pt/.pth file"
+        )
     try:
         model = open_clip.create_model(
             name,
@@ -165,6 +190,8 @@ def load_clip(
         if source is None or not Path(source).is_file():
             raise
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        if "weights_only" in str(err):  # torch.load's advice to unpickle arbitrary code: never pass it on
+            first = "it cannot be loaded as plain tensors, so it is not a valid weights file"
         raise ValueError(f"weights {pretrained!r} are not a usable open_clip {name} checkpoint: {first}") from err
     model.eval().requires_grad_(False)
     return model

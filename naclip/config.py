@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import hashlib
 import logging
 import math
 import re
@@ -153,6 +154,7 @@ class PredictConfig(MethodConfig):
     crop_batch_size: int = 64
     alpha: float = 0.5
     output_root: str = "outputs"
+    out: str = MISSING
     text_cache_dir: str | None = None
 
 
@@ -221,9 +223,31 @@ def result_config(resolved: dict[str, Any]) -> dict[str, Any]:
     return kept
 
 
+NAME_MAX = 255  # bytes in one path component on common file systems
+
+
 def _dirname(overrides: str) -> str:
-    """A job folder name from its overrides: never empty, no path separators."""
-    return re.sub(r"[/\\]+", "_", overrides) or "default"
+    """A job folder name from its overrides: never empty, no path separators, at most NAME_MAX bytes.
+
+    A longer name (e.g. from a long ``dataset.root``) keeps a readable prefix and ends with a hash of the whole
+    name, so it stays the same for the same overrides and differs for different ones.
+    """
+    name = re.sub(r"[/\\]+", "_", overrides) or "default"
+    raw = name.encode()
+    if len(raw) <= NAME_MAX:
+        return name
+    digest = hashlib.sha256(raw).hexdigest()[:16]
+    prefix = raw[: NAME_MAX - len(digest) - 1].decode(errors="ignore")  # never cut a character in two
+    return f"{prefix}-{digest}"
+
+
+def patch_size(model: str) -> int:
+    """The vision tower's patch size from open_clip's model config (1 when unknown); no model is built."""
+    import open_clip
+
+    vision = (open_clip.get_model_config(model) or {}).get("vision_cfg", {})
+    patch = vision.get("patch_size", 1)
+    return int(max(patch) if isinstance(patch, list | tuple) else patch)
 
 
 def register() -> None:
@@ -264,5 +288,7 @@ def validate(cfg: Any) -> None:
     for key in ("batch_size", "crop_batch_size"):
         if key in cfg and cfg[key] < 1:
             raise ValueError(f"{key} must be >= 1, got {cfg[key]}")
+    if "max_images" in cfg and cfg.max_images is not None and cfg.max_images < 1:
+        raise ValueError(f"max_images must be >= 1 (or null for the whole split), got {cfg.max_images}")
     if "on_error" in cfg and cfg.on_error not in ("raise", "skip"):
         raise ValueError(f"on_error must be 'raise' or 'skip', got {cfg.on_error!r}")

@@ -2,11 +2,13 @@
 
     python -m naclip.predict image=PATH_OR_DIR 'classes=[car,tree,road,sky]' [background=[wall]] [refine=pamr]
 
-For each image (a file, or every .jpg/.jpeg/.png/.bmp/.webp in a folder, sorted) the Hydra output folder
-receives ``<stem>_labels.png`` (palette PNG: pixel value = class index) and ``<stem>_overlay.png`` (the image
-with the coloured mask and a legend), both at the image's own size. Pixels whose best probability is below
+For each image (a file, or every .jpg/.jpeg/.png/.bmp/.webp in a folder, sorted) the output folder (``out=DIR``;
+default ``$NACLIP_OUTPUT/predict/<timestamp>``, with ``outputs`` when unset) receives ``<stem>_labels.png``
+(palette PNG: pixel value = class index) and ``<stem>_overlay.png`` (the image with the coloured mask and a
+legend), both at the image's own size. Pixels whose best probability is below
 ``prob_thd`` become class 0: the "background" class when ``background=[...]`` is given. Bad input ends with one line
-``naclip.predict: error: ...`` on stderr and exit code 2.
+``naclip.predict: error: ...`` on stderr and exit code 2; in a folder, every readable image is still segmented and
+each unreadable one gets its own line.
 """
 
 from __future__ import annotations
@@ -18,7 +20,6 @@ from typing import Any
 
 import hydra
 import torch
-from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from PIL import Image
@@ -81,9 +82,24 @@ def resolve_classes(classes: Any, background: Sequence[str] = ()) -> tuple[list[
     if background:
         groups = [background, *groups]
     display = ([BACKGROUND] if background else []) + [names[0] for names in groups[1 if background else 0 :]]
+    _reject_duplicates(groups)
     if len(groups) > 256:
         raise PredictError(f"{len(groups)} classes do not fit a palette PNG; use at most 256")
     return groups, display
+
+
+def _reject_duplicates(groups: Sequence[Sequence[str]]) -> None:
+    """A name given twice makes one of its classes impossible to predict (CLIP's tokenizer ignores case)."""
+    seen: dict[str, int] = {}
+    for index, names in enumerate(groups):
+        for name in names:
+            key = " ".join(name.lower().split())
+            if key in seen:
+                raise PredictError(
+                    f"class name {name!r} is given twice (classes {seen[key]} and {index}, counting background "
+                    f"first if given); a duplicate can never be predicted, remove it"
+                )
+            seen[key] = index
 
 
 def _output_stems(images: Sequence[Path]) -> list[str]:
@@ -92,11 +108,15 @@ def _output_stems(images: Sequence[Path]) -> list[str]:
     return [f"{p.stem}_{p.suffix.lstrip('.')}" if stems.count(p.stem) > 1 else p.stem for p in images]
 
 
-def run(cfg: DictConfig, out_dir: Path) -> list[Path]:
-    """Segment every input image of ``cfg`` into ``out_dir``; returns the written paths.
+def run(cfg: DictConfig, out_dir: Path | None = None) -> list[Path]:
+    """Segment every input image of ``cfg`` into ``out_dir`` (default ``cfg.out``); returns the written paths.
+
+    The folder is made only when the first result is ready, so a failed run leaves no empty folder. An image
+    that cannot be read or segmented does not stop the others: all are tried, then PredictError lists the
+    failed ones, one line each.
 
     Raises:
-        PredictError, ValueError, DatasetError: bad input, with a one-line message.
+        PredictError, ValueError, DatasetError: bad input, with a one-line message (one line per bad image).
         WeightsUnavailableError: pretrained weights neither cached nor downloadable.
     """
     config.validate(cfg)
@@ -106,36 +126,57 @@ def run(cfg: DictConfig, out_dir: Path) -> list[Path]:
         raise PredictError(f"alpha must be in [0, 1], got {cfg.alpha}")
     if cfg.short_side < 0:
         raise PredictError(f"short_side must be >= 0 (0 keeps the image size), got {cfg.short_side}")
+    out_dir = Path(str(cfg.out) if out_dir is None else out_dir).expanduser()
 
     device = auto_device(cfg.backbone.device)
     segmenter, mean, std = config.build_segmenter(cfg, class_names, cfg, device)
 
-    written = []
+    written, failed = [], []
     for path, stem in zip(images, _output_stems(images), strict=True):
-        pixels = read_image(path)  # (3, H, W) uint8
-        x = prepare_image(pixels, mean, std, device, cfg.short_side, cfg.max_long_side)  # (3, h, w)
-        with torch.no_grad():
-            labels = segmenter.predict_list([x], [tuple(pixels.shape[-2:])])[0].cpu()  # (H, W)
+        try:
+            pixels = read_image(path)  # (3, H, W) uint8
+            x = prepare_image(pixels, mean, std, device, cfg.short_side, cfg.max_long_side)  # (3, h, w)
+            labels = segmenter.label_map(x, tuple(pixels.shape[-2:])).cpu()  # (H, W)
+        except (ValueError, OSError, Image.DecompressionBombError) as err:
+            message = " ".join(str(err).split())
+            failed.append(message if str(path) in message else f"{path}: {message}")
+            continue
         blended = overlay(pixels, labels, display, alpha=cfg.alpha)
-        label_path = palette_png(labels, out_dir / f"{stem}_labels.png", display)
-        overlay_path = out_dir / f"{stem}_overlay.png"
-        Image.fromarray(blended).save(overlay_path)
-        for written_path in (label_path, overlay_path):
+        for written_path in _save(out_dir, stem, labels, blended, display):
             print(written_path, flush=True)
             written.append(written_path)
+    if failed:
+        raise PredictError("\n".join(failed))
     return written
 
 
+def _save(out_dir: Path, stem: str, labels: torch.Tensor, blended: Any, display: Sequence[str]) -> list[Path]:
+    """Write one image's label PNG and overlay; an unwritable folder stops the run with one line."""
+    overlay_path = out_dir / f"{stem}_overlay.png"
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        label_path = palette_png(labels, out_dir / f"{stem}_labels.png", display)
+        Image.fromarray(blended).save(overlay_path)
+    except OSError as err:
+        raise PredictError(f"cannot write to the output folder {str(out_dir)!r}: {err.strerror or err}") from err
+    return [label_path, overlay_path]
+
+
 def _fail(message: str) -> None:
-    first = " ".join(str(message).split()) or "unknown error"
-    print(f"naclip.predict: error: {first}", file=sys.stderr, flush=True)
+    """One line per problem on stderr (a folder run lists each unreadable image), then exit code 2."""
+    lines = [" ".join(line.split()) for line in str(message).splitlines()]
+    for line in [line for line in lines if line] or ["unknown error"]:
+        print(f"naclip.predict: error: {line}", file=sys.stderr, flush=True)
     sys.exit(2)
 
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="predict")
 def _app(cfg: DictConfig) -> None:
     try:
-        run(cfg, Path(HydraConfig.get().runtime.output_dir))
+        run(cfg)
+    except KeyboardInterrupt:
+        print("naclip.predict: interrupted", file=sys.stderr, flush=True)
+        sys.exit(130)
     except (ValueError, WeightsUnavailableError, OmegaConfBaseException) as err:
         _fail(str(err))
 

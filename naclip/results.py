@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import secrets
 import subprocess
 import sys
 import tempfile
@@ -51,10 +52,19 @@ def utc_now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
+class ResultWriteError(RuntimeError):
+    """result.json could not be written; the message names the fallback file that holds the result."""
+
+
 def write_json_atomic(path: Path, payload: dict[str, Any]) -> Path:
-    """Write JSON through a temp file in the same folder and rename it: readers never see half a file."""
+    """Write JSON through a temp file in the same folder and rename it: readers never see half a file.
+
+    The file gets the mode the user's umask gives (like any file they create), not mkstemp's 0600, so people
+    sharing a results folder can read each other's results.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the kernel applies the umask
     try:
         with os.fdopen(fd, "w") as f:
             json.dump(payload, f, indent=2, allow_nan=False, default=str)
@@ -62,9 +72,29 @@ def write_json_atomic(path: Path, payload: dict[str, Any]) -> Path:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+def write_result(path: Path, result: dict[str, Any]) -> Path:
+    """Write result.json; if that fails, keep the full result in a fallback file and raise ResultWriteError.
+
+    A long evaluation must never be lost because its folder became unwritable at the end.
+    """
+    try:
+        return write_json_atomic(path, result)
+    except OSError as err:
+        reason = f"{type(err).__name__}: {err.strerror or err}"
+    try:
+        fd, fallback = tempfile.mkstemp(prefix="naclip-result-", suffix=".json")
+        with os.fdopen(fd, "w") as f:
+            json.dump(result, f, indent=2, default=str)
+    except OSError as err:
+        raise ResultWriteError(
+            f"could not write {path} ({reason}) nor a fallback file ({err}); the result is printed above"
+        ) from err
+    raise ResultWriteError(f"could not write {path} ({reason}); the full result is in {fallback}")
 
 
 def read_finished_result(folder: Path) -> dict[str, Any] | None:
@@ -153,7 +183,7 @@ class LocalSink:
         return None
 
     def write(self, result: dict[str, Any]) -> None:
-        write_json_atomic(self.path, result)
+        write_result(self.path, result)
         log.info("result written to %s", self.path)
 
     def close(self) -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import os
 import resource
-import shutil
 import sys
 import time
 from collections.abc import Iterator
@@ -25,13 +24,15 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from naclip import config
+from naclip import config, jobs
 from naclip.clip import WeightsUnavailableError
 from naclip.data import DatasetError, build_dataset, collate
 from naclip.metrics import IoUMetric
 from naclip.predictor import auto_device, normalize_images
 from naclip.results import (
+    RESULT_FILE,
     LocalSink,
+    ResultWriteError,
     Sink,
     WandbSink,
     git_commit,
@@ -43,6 +44,14 @@ from naclip.results import (
 
 log = logging.getLogger("naclip.run")
 config.register()
+
+
+class NoImagesError(ValueError):
+    """Every sample was skipped, so there is no score to report."""
+
+
+# Errors that are the user's input or environment: one line, never a traceback.
+KNOWN_ERRORS = (DatasetError, WeightsUnavailableError, ResultWriteError, ValueError, OSError)
 
 
 def setup_distributed(device: str) -> tuple[int, int]:
@@ -151,7 +160,8 @@ def evaluate(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     torch.manual_seed(cfg.seed)
 
     dataset_cfg = OmegaConf.to_container(cfg.dataset, resolve=True)
-    dataset = build_dataset(dataset_cfg, on_error=cfg.on_error)  # fails on a missing root before any model loads
+    # fails on a missing root before any model loads; images smaller than one patch become per-sample errors
+    dataset = build_dataset(dataset_cfg, on_error=cfg.on_error, min_side=config.patch_size(cfg.backbone.model))
     count = len(dataset) if cfg.max_images is None else min(cfg.max_images, len(dataset))
     shard = torch.utils.data.Subset(dataset, shard_indices(count, rank, world))
 
@@ -179,13 +189,13 @@ def evaluate(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
         )
         per_class = result.pop("per_class_list")
         result["per_class_iou"] = dict(zip(dataset.display_names, per_class, strict=True))
+        if rank == 0:
+            print(_report(result), flush=True)  # before writing: a failed write must not lose the numbers
         for sink in sinks:
             sink.write(result)
     finally:
         for sink in sinks:
             sink.close()
-    if rank == 0:
-        print(_report(result))
     return result
 
 
@@ -222,6 +232,11 @@ def _loop(cfg, shard, segmenter, metric, mean, std, device, rank, sinks) -> dict
                 seen, len(shard), rate, (len(shard) - seen) / rate, peak_memory_mb(device),
             )
     bar.close()
+    if int(_across_ranks(seen)) == 0:
+        raise NoImagesError(
+            f"no images evaluated: all {len(skipped)} samples were skipped (on_error=skip; the log lists each "
+            f"file and why)"
+        )
     scores = metric.compute()  # collective under torch.distributed: sums the confusion matrices
     seconds = _across_ranks(time.perf_counter() - start, "max")  # the evaluation loop only
     total = int(_across_ranks(seen))
@@ -278,27 +293,50 @@ def _report(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _remove_unfinished(out_dir: Path) -> None:
-    """A job that failed before finishing leaves nothing behind (Hydra made its folder before we ran)."""
-    if (out_dir / "result.json").exists():
-        return
-    logging.shutdown()
-    shutil.rmtree(out_dir, ignore_errors=True)
+def _result_stamp(out_dir: Path) -> tuple[int, int] | None:
+    """Identity of the current result.json (inode, mtime): a new write replaces the file."""
+    try:
+        st = (out_dir / RESULT_FILE).stat()
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns
 
 
 @hydra.main(version_base="1.3", config_path=config.config_dir(), config_name="config")
 def main(cfg: DictConfig) -> float | None:
-    """Hydra entry point; known errors end with one line on stderr and exit code 2."""
+    """Hydra entry point: known errors end with one line on stderr and exit code 2 (Ctrl-C: 130).
+
+    In a sweep (-m) a job with a known error records it in its folder and returns, so the sweep goes on;
+    `naclip.jobs.JobSummary` prints the summary and sets the exit code at the end. Nothing is ever deleted.
+    """
     out_dir = Path(HydraConfig.get().runtime.output_dir)
+    sweep = HydraConfig.get().mode == RunMode.MULTIRUN
+    before = _result_stamp(out_dir)
     try:
-        return float(evaluate(cfg, out_dir)["miou"])
-    except (DatasetError, WeightsUnavailableError, ValueError) as err:
-        print(f"naclip.run: error: {err}", file=sys.stderr)
-        _remove_unfinished(out_dir)
-        sys.exit(2)
+        miou = float(evaluate(cfg, out_dir)["miou"])
+    except KeyboardInterrupt:
+        print("naclip.run: interrupted, no result written", file=sys.stderr, flush=True)
+        _record(jobs.record_failure, out_dir, "interrupted, no result written")
+        sys.exit(130)  # stops a sweep too: the user asked to stop
+    except KNOWN_ERRORS as err:
+        message = jobs.one_line(err)
+        print(f"naclip.run: error: {message}", file=sys.stderr, flush=True)
+        jobs.log_to_files(message)
+        _record(jobs.record_failure, out_dir, message)
+        if sweep:
+            return None
+        sys.exit(jobs.BAD_INPUT_EXIT)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+    _record(jobs.record_success, out_dir, miou, skipped=_result_stamp(out_dir) == before)
+    return miou
+
+
+def _record(fn: Any, *args: Any, **kwargs: Any) -> None:
+    """Job outcomes are written by one process only (rank 0)."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        fn(*args, **kwargs)
 
 
 if __name__ == "__main__":

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import logging
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -16,6 +18,7 @@ from tqdm import tqdm
 
 Template = str | Callable[[str], str]
 OPENAI_TEMPLATES: tuple[Template, ...] = tuple(open_clip.OPENAI_IMAGENET_TEMPLATES)
+log = logging.getLogger(__name__)
 
 
 def default_cache_dir() -> Path:
@@ -113,8 +116,8 @@ def text_classifier(
     if cache_dir is not None:
         key = json.dumps({"w": _fingerprint(model), "p": prompts_per_name}, sort_keys=True)
         cache_file = Path(cache_dir).expanduser() / f"text-{hashlib.sha256(key.encode()).hexdigest()[:32]}.pt"
-        if cache_file.is_file():
-            cached = torch.load(cache_file, map_location="cpu", weights_only=True)
+        cached = _read_cache(cache_file, len(names))
+        if cached is not None:
             return cached.to(device)
 
     context = getattr(model, "context_length", 77)
@@ -137,8 +140,35 @@ def text_classifier(
     classifier = F.normalize(emb.mean(dim=1), dim=-1)  # (Q, D)
 
     if cache_file is not None:
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache_file.with_suffix(f".tmp{os.getpid()}")
-        torch.save(classifier.cpu(), tmp)
-        os.replace(tmp, cache_file)
+        _write_cache(cache_file, classifier)
     return classifier
+
+
+def _read_cache(path: Path, rows: int) -> Tensor | None:
+    """The cached classifier, or None on a miss. A corrupt entry (truncated, emptied, wrong content) is a
+    miss with one warning line: it is rebuilt and replaced, never a traceback on every later run."""
+    if not path.is_file():
+        return None
+    try:
+        cached = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch.load raises EOFError, RuntimeError, UnpicklingError, ... on bad bytes
+        reason = " ".join(f"{type(err).__name__}: {err}".split())[:200]
+    else:
+        if isinstance(cached, Tensor) and cached.ndim == 2 and cached.shape[0] == rows and cached.is_floating_point():
+            return cached
+        reason = f"holds {type(cached).__name__} {tuple(getattr(cached, 'shape', ()))}, not a ({rows}, D) tensor"
+    log.warning("text-classifier cache %s is unreadable (%s); rebuilding it", path, reason)
+    return None
+
+
+def _write_cache(path: Path, classifier: Tensor) -> None:
+    """Write through a temp file and rename, so readers never see half a file; a failed write only warns."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(classifier.cpu(), tmp)
+        os.replace(tmp, path)
+    except OSError as err:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        log.warning("could not write the text-classifier cache %s (%s)", path, err)

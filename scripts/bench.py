@@ -11,6 +11,9 @@ Sections (all timed under ``torch.inference_mode`` with torch's default thread c
 5. data:     decoding a JPEG and resizing it by the protocol (OpenCV: ``read_rgb`` + ``resize_image``) vs the
    PIL decode + float torch bilinear naclip used before, and how many uint8 values the two disagree on.
 6. memory (``--memory``): peak memory of segmenting one large image, in a fresh subprocess.
+7. label map (``--label-map``): peak CPU memory of producing the full-size label map of a huge photo
+   (100 megapixels; --quick: 1 megapixel) from one image's logits: ``Segmenter.label_map`` (column bands) vs
+   ``predict_list`` (all query logits upsampled at once), each in a fresh subprocess.
 
 Half precision (``--precision fp16`` / ``bf16``) runs on the CPU as well as on a GPU.
 
@@ -73,6 +76,7 @@ FULL = {
     "text_names": None,  # all synonyms of voc21
     "memory_model": "ViT-L-14",
     "memory_image": (560, 1120),
+    "label_map_size": (10000, 10000),
 }
 QUICK = {
     "models": ["ViT-B-32"],
@@ -85,6 +89,7 @@ QUICK = {
     "text_names": 2,
     "memory_model": None,  # the first --models entry
     "memory_image": (224, 448),
+    "label_map_size": (1000, 1000),
 }
 
 
@@ -464,6 +469,47 @@ def bench_memory(spec: dict[str, Any]) -> dict[str, Any]:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+LABEL_MAP_CLASSES = ["car", "tree", "road", "sky"]  # a typical naclip.predict query
+LABEL_MAP_INPUT = (336, 336)  # the protocol-resized input of a square photo
+
+
+def label_map_child(spec: dict[str, Any]) -> dict[str, Any]:
+    """Peak RSS above the baseline while one (H, W) label map is built from a protocol-sized input (CPU)."""
+    model = load_clip(spec["model"], spec["pretrained"])
+    segmenter = Segmenter(model, LABEL_MAP_CLASSES, templates=["a photo of a {}."], slide_crop=CROP,
+                          slide_stride=STRIDE)
+    image = torch.randn(3, *LABEL_MAP_INPUT)
+    size = tuple(spec["size"])
+    gc.collect()
+    base_kib = _status_kib("VmRSS")
+    if base_kib is None or not _reset_peak_rss():
+        raise RuntimeError("the label-map section needs Linux's /proc/self/clear_refs to reset the peak")
+    with torch.inference_mode():
+        if spec["path"] == "bands":
+            labels = segmenter.label_map(image, size)
+        else:
+            labels = segmenter.predict_list([image], [size])[0]
+    peak_kib = _status_kib("VmHWM") or 0
+    return {"path": spec["path"], "size": list(size), "labels_mb": labels.numel() * labels.element_size() / 2**20,
+            "baseline_mb": base_kib / 1024, "peak_mb": peak_kib / 1024, "delta_mb": (peak_kib - base_kib) / 1024}
+
+
+def bench_label_map(model: str, pretrained: str | None, size: Sequence[int]) -> dict[str, Any]:
+    """Both label-map paths, each in a fresh interpreter so neither sees the other's freed pages."""
+    rows = {}
+    for path in ("bands", "one_shot"):
+        spec = {"model": model, "pretrained": pretrained, "size": list(size), "path": path}
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--label-map-child", json.dumps(spec)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if proc.returncode != 0:
+            tail = proc.stderr.strip().splitlines()[-1:] or ["(no output)"]
+            rows[path] = {"error": f"exit {proc.returncode}: {tail[0]}"}
+            continue
+        rows[path] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return {"model": model, "size": list(size), "classes": len(LABEL_MAP_CLASSES), "input": list(LABEL_MAP_INPUT),
+            **rows}
+
+
 def format_report(result: dict[str, Any]) -> str:
     """The human-readable tables of a benchmark result."""
     lines = [
@@ -531,6 +577,18 @@ def format_report(result: dict[str, Any]) -> str:
             f"  after loading: {m['baseline_mb']:.0f} MiB   peak: {m['peak_mb']:.0f} MiB   "
             f"peak - baseline: {m['delta_mb']:.0f} MiB",
         ]
+    lm = result.get("label_map")
+    if lm is not None:
+        megapixels = lm["size"][0] * lm["size"][1] / 1e6
+        lines += ["", f"Label map of a {lm['size'][0]}x{lm['size'][1]} image ({megapixels:.0f} MP), {lm['classes']} "
+                  f"classes, input {lm['input'][0]}x{lm['input'][1]}, {lm['model']} (peak RSS above baseline, MiB)"]
+        for path, label in (("bands", "Segmenter.label_map (bands)"), ("one_shot", "predict_list (one shot)")):
+            row = lm[path]
+            shown = row["error"] if "error" in row else (
+                f"peak - baseline {row['delta_mb']:.0f}   peak {row['peak_mb']:.0f}   (labels alone "
+                f"{row['labels_mb']:.0f})"
+            )
+            lines.append(f"  {label:<28} {shown}")
     return "\n".join(lines)
 
 
@@ -546,7 +604,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--memory-model", default=None, help="model of --memory (default ViT-L-14; --quick: first)")
     parser.add_argument("--out", default=None, help="write the result as JSON here")
     parser.add_argument("--quick", action="store_true", help="tiny sizes for tests: ViT-B-32, 2 rounds, tiny images")
+    parser.add_argument("--label-map", action="store_true",
+                        help="also measure the peak memory of a 100-megapixel label map (bands vs one shot)")
     parser.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--label-map-child", default=None, help=argparse.SUPPRESS)
     return parser
 
 
@@ -554,7 +615,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Parse and validate the command line; fills sizes from the full or the --quick profile."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.memory_child is not None:
+    if args.memory_child is not None or args.label_map_child is not None:
         return args
     profile = QUICK if args.quick else FULL
     args.models = args.models or list(profile["models"])
@@ -623,6 +684,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "image": list(profile["memory_image"]),
         }
         result["memory"] = bench_memory(spec)
+    result["label_map"] = None
+    if args.label_map:
+        print("[bench] label map ...", file=sys.stderr, flush=True)
+        result["label_map"] = bench_label_map(args.models[0], args.pretrained, profile["label_map_size"])
     return result
 
 
@@ -630,6 +695,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if args.memory_child is not None:
         print(json.dumps(memory_child(json.loads(args.memory_child))))
+        return 0
+    if args.label_map_child is not None:
+        print(json.dumps(label_map_child(json.loads(args.label_map_child))))
         return 0
     try:
         result = run(args)

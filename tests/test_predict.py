@@ -211,7 +211,7 @@ def _cli(tmp_path: Path, *args: str, pretrained: str = "null") -> tuple[subproce
         "text_cache_dir=null",
         "short_side=64",
         "slide_crop=0",
-        f"hydra.run.dir={out}",
+        f"out={out}",
     ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}  # a tag that is not cached fails at once, never waits
     proc = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)

@@ -109,6 +109,7 @@ class SegmentationDataset(Dataset):
         max_long_side: int,
         on_error: str,
         background_index: int | None = None,
+        min_side: int = 1,
     ) -> None:
         self.rows = source.rows
         self.reader = source.reader
@@ -122,6 +123,7 @@ class SegmentationDataset(Dataset):
         self.short_side = short_side
         self.max_long_side = max_long_side
         self.on_error = on_error
+        self.min_side = min_side
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -158,6 +160,15 @@ class SegmentationDataset(Dataset):
             )
             return sample
         sample["image"] = resize_image(image, self.short_side, self.max_long_side)  # (3, h, w) uint8
+        height, width = sample["image"].shape[-2:]
+        if min(height, width) < self.min_side:
+            sample["image"] = None
+            sample["error"] = (
+                f"{self.name}: image {image_path} is {image.shape[0]}x{image.shape[1]} (HxW), "
+                f"{height}x{width} after the protocol resize (short_side={self.short_side}, "
+                f"max_long_side={self.max_long_side}): smaller than one {self.min_side}-pixel patch"
+            )
+            return sample
         sample["label"] = torch.from_numpy(np.ascontiguousarray(label, dtype=np.int64))  # (H, W)
         return sample
 
@@ -183,13 +194,15 @@ def _int_option(cfg: Mapping[str, Any], key: str, name: str) -> int:
     return value
 
 
-def build_dataset(cfg: Mapping[str, Any], on_error: str = "raise") -> SegmentationDataset:
+def build_dataset(cfg: Mapping[str, Any], on_error: str = "raise", min_side: int = 1) -> SegmentationDataset:
     """Build the evaluation dataset described by one dataset config.
 
     Args:
         cfg: the ``dataset`` config group as a plain dict (keys of ``conf/dataset/*.yaml``).
         on_error: what the runner should do with bad samples, ``"raise"`` or ``"skip"``; stored as
             ``dataset.on_error`` (the dataset itself never raises from ``__getitem__``).
+        min_side: the model's patch size; an image whose resized short side is below it becomes a bad sample
+            naming the file (e.g. 10000x50 resizes to 2048x10, too small for a 16-pixel patch).
 
     Returns:
         A torch Dataset of dict samples, with ``class_names``, ``display_names``, ``num_classes``,
@@ -239,6 +252,7 @@ def build_dataset(cfg: Mapping[str, Any], on_error: str = "raise") -> Segmentati
         max_long_side=max_long_side,
         on_error=on_error,
         background_index=background_index,
+        min_side=min_side,
     )
 
 

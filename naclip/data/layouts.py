@@ -147,7 +147,7 @@ def split_file_source(spec: SplitFileSpec, cfg: Mapping[str, Any]) -> Source:
             f"{_dataset_name(cfg)}: split file '{split_file}' not found; check dataset.split={split} "
             f"(the file stem, e.g. val) or {_FIX_HINT}"
         )
-    ids = [line.split()[0] for line in split_file.read_text().splitlines() if line.strip()]
+    ids = [line.strip() for line in split_file.read_text().splitlines() if line.strip()]  # an id may hold spaces
     if not ids:
         raise DatasetError(f"{_dataset_name(cfg)}: split file '{split_file}' lists no images; {_FIX_HINT}")
     images = [root / spec.image_dir / f"{i}{spec.image_suffix}" for i in ids]

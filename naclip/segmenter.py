@@ -54,6 +54,8 @@ class Segmenter(nn.Module):
         slide_crop, slide_stride: sliding-window size and stride in pixels; slide_crop=0 = whole image.
         logit_scale: temperature of the softmax over query names.
         prob_thd: pixels whose best class probability is below it become class 0 (background).
+        area_thd: SCLIP's small-region suppression: a non-background class whose argmax area is at most
+            area_thd × the whole predicted non-background area gets probability 0 everywhere (None/0 = off).
         pamr: refine the logits with PAMR before the softmax.
         templates: prompt templates, default the 80 OpenAI ones.
         pamr_steps, pamr_dilations: PAMR iterations and dilations.
@@ -85,8 +87,11 @@ class Segmenter(nn.Module):
         pamr_dilations: Sequence[int] = (8, 16),
         crop_batch_size: int = 64,
         cache_dir: str | os.PathLike | None = None,
+        area_thd: float | None = None,
     ) -> None:
         super().__init__()
+        if area_thd is not None and not 0.0 <= float(area_thd) < 1.0:
+            raise ValueError(f"area_thd must be in [0, 1) or None, got {area_thd}")
         if slide_crop < 0 or (slide_crop > 0 and slide_stride <= 0):
             raise ValueError(f"slide_crop must be >= 0 and slide_stride > 0, got {slide_crop}, {slide_stride}")
         if crop_batch_size < 1:
@@ -100,6 +105,7 @@ class Segmenter(nn.Module):
         self.register_buffer("classifier", classifier, persistent=False)  # (Q, D)
         self.slide_crop, self.slide_stride = int(slide_crop), int(slide_stride)
         self.logit_scale, self.prob_thd = float(logit_scale), float(prob_thd)
+        self.area_thd = float(area_thd or 0.0)
         self.pamr = PAMR(pamr_steps, tuple(pamr_dilations)) if pamr else None
         self.crop_batch_size = int(crop_batch_size)
 
@@ -174,7 +180,16 @@ class Segmenter(nn.Module):
         out = probs.new_zeros((self.num_classes, *probs.shape[-2:]))
         return out.scatter_reduce_(0, index, probs, reduce="amax", include_self=False)  # (C, H', W')
 
+    def _suppress_small_classes(self, probs: Tensor) -> Tensor:
+        """SCLIP's area_thd: zero the classes (not background) covering too little of the predicted foreground."""
+        areas = torch.bincount(probs.argmax(dim=0).flatten(), minlength=probs.shape[0])  # (C,) pixels per class
+        small = areas <= self.area_thd * areas[1:].sum()
+        small[0] = False  # background is never suppressed
+        return probs * (~small).to(probs.dtype)[:, None, None]
+
     def _labels(self, probs: Tensor) -> Tensor:
+        if self.area_thd > 0:
+            probs = self._suppress_small_classes(probs)
         best, labels = probs.max(dim=0)
         labels[best < self.prob_thd] = 0
         return labels

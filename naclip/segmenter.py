@@ -31,6 +31,15 @@ def slide_windows(height: int, width: int, crop: int, stride: int) -> list[Windo
     return windows
 
 
+def suppress_small_classes(probs: Tensor, area_thd: float) -> Tensor:
+    """SCLIP's ``area_thd`` on (C, H, W) probabilities, class 0 = background: every other class whose argmax area
+    is at most ``area_thd`` × the predicted non-background area gets probability 0 everywhere."""
+    areas = torch.bincount(probs.argmax(dim=0).flatten(), minlength=probs.shape[0])  # (C,) pixels per class
+    small = areas <= area_thd * areas[1:].sum()
+    small[0] = False  # background is never suppressed
+    return probs * (~small).to(probs.dtype)[:, None, None]
+
+
 def normalize_class_names(class_names: Sequence[Sequence[str] | str]) -> list[list[str]]:
     """Accept ["cat", ["person", "person in shirt"], "dog, puppy"]: class i → its list of names."""
     if isinstance(class_names, str) or len(class_names) == 0:
@@ -180,16 +189,9 @@ class Segmenter(nn.Module):
         out = probs.new_zeros((self.num_classes, *probs.shape[-2:]))
         return out.scatter_reduce_(0, index, probs, reduce="amax", include_self=False)  # (C, H', W')
 
-    def _suppress_small_classes(self, probs: Tensor) -> Tensor:
-        """SCLIP's area_thd: zero the classes (not background) covering too little of the predicted foreground."""
-        areas = torch.bincount(probs.argmax(dim=0).flatten(), minlength=probs.shape[0])  # (C,) pixels per class
-        small = areas <= self.area_thd * areas[1:].sum()
-        small[0] = False  # background is never suppressed
-        return probs * (~small).to(probs.dtype)[:, None, None]
-
     def _labels(self, probs: Tensor) -> Tensor:
         if self.area_thd > 0:
-            probs = self._suppress_small_classes(probs)
+            probs = suppress_small_classes(probs, self.area_thd)
         best, labels = probs.max(dim=0)
         labels[best < self.prob_thd] = 0
         return labels

@@ -177,6 +177,8 @@ def scene_probs() -> torch.Tensor:
         (0.0, 0.0, TOP),
         # 0.15 × 9 = 1.35: B (1 pixel) goes, C (2) stays; B's pixel falls to its next best, C (0.3)
         (0.15, 0.0, [[0, 0, 1, 1], [1, 1, 1, 3], [3, 3, 0, 1]]),
+        # 0.2 × 9 = 1.8 keeps C: the share is of the foreground (9), not of all 12 pixels (which would give 2.4)
+        (0.2, 0.0, [[0, 0, 1, 1], [1, 1, 1, 3], [3, 3, 0, 1]]),
         # 0.25 × 9 = 2.25: B and C go; B's pixel → A (0.15), C's pixels → A (0.3)
         (0.25, 0.0, [[0, 0, 1, 1], [1, 1, 1, 1], [1, 1, 0, 1]]),
         # then prob_thd 0.2 as usual: B's pixel has 0.15 left → background

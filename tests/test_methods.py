@@ -400,3 +400,16 @@ def test_readme_plugin_example_end_to_end(tmp_path):
     assert result["config"]["attention"] == {"name": "qq_gauss", "sigma": 5.0}
     assert result["config"]["plugins"] == ["my_attention"]
     assert result["choices"]["attention"] == "qq_gauss" and result["num_images"] > 0
+
+
+@pytest.mark.slow
+def test_misspelt_protocol_is_one_clear_error(tmp_path):
+    """`protocol` is an optional group, so Hydra alone would skip an unknown name; the runner must not."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "NACLIP_OUTPUT": str(tmp_path / "out")}
+    args = ["protocol=shard", "method=sclip", "dataset=synthetic", "backbone=b32", "backbone.pretrained=null"]
+    proc = subprocess.run([sys.executable, "-m", "naclip.run", *args], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=300, check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith("naclip.run: error: unknown protocol 'shard'")
+    assert "sclip_voc21" in proc.stderr and "shared" in proc.stderr
+    assert not list((tmp_path / "out").rglob("*.json"))

@@ -15,6 +15,7 @@ _EXPORTS = {
     "gaussian_prior": "naclip.attention",
     "get_attention": "naclip.attention",
     "list_attentions": "naclip.attention",
+    "register_attention": "naclip.attention",
     "WeightsUnavailableError": "naclip.clip",
     "image_mean_std": "naclip.clip",
     "load_clip": "naclip.clip",

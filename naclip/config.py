@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import difflib
 import hashlib
+import importlib
 import logging
 import math
 import re
@@ -90,7 +91,9 @@ class DatasetConfig:
     slide_crop: int = 224
     slide_stride: int = 112
     prob_thd: float = 0.0
+    area_thd: float = 0.0  # SCLIP's small-region suppression (0 = off)
     logit_scale: float = 40.0
+    protocol: str = "dataset"  # where the protocol values come from: the dataset's own, or a method's (conf/protocol/)
     hf_path: str | None = None
     hf_name: str | None = None
     data_files: Any = None
@@ -121,10 +124,12 @@ class MethodConfig:
     attention: AttentionConfig = MISSING
     arch: ArchConfig = MISSING
     refine: RefineConfig = MISSING
+    plugins: list[str] = field(default_factory=list)  # modules imported before validation (register_attention)
 
 
 @dataclass
 class RunConfig(MethodConfig):
+    method: str = "naclip"  # set by the `method` group: the preset the attention, arch and protocol came from
     dataset: DatasetConfig = MISSING
     logger: LoggerConfig = MISSING
     experiment_name: str = "default"
@@ -146,6 +151,7 @@ class PredictConfig(MethodConfig):
     classes: Any = MISSING
     background: list[str] = field(default_factory=list)
     prob_thd: float = 0.0
+    area_thd: float = 0.0
     logit_scale: float = 40.0
     short_side: int = 336
     max_long_side: int = 2048
@@ -167,9 +173,9 @@ def build_segmenter(
 ) -> tuple[Any, tuple, tuple]:
     """The model and segmenter a run or predict config describes: (segmenter on device, mean, std).
 
-    `protocol` holds slide_crop, slide_stride, logit_scale and prob_thd (the dataset group, or predict's top level).
-    `timings`, when given, receives `seconds_model_load` and `seconds_text_classifier` (both steps take seconds
-    to minutes, so they are logged and reported apart from the evaluation time).
+    `protocol` holds slide_crop, slide_stride, logit_scale, prob_thd and area_thd (the dataset group, or predict's
+    top level). `timings`, when given, receives `seconds_model_load` and `seconds_text_classifier` (both steps
+    take seconds to minutes, so they are logged and reported apart from the evaluation time).
     """
     from naclip.clip import image_mean_std, load_clip
     from naclip.segmenter import Segmenter
@@ -191,6 +197,7 @@ def build_segmenter(
         slide_stride=protocol.slide_stride,
         logit_scale=protocol.logit_scale,
         prob_thd=protocol.prob_thd,
+        area_thd=protocol.area_thd,
         pamr=cfg.refine.name == "pamr",
         pamr_steps=cfg.refine.steps,
         pamr_dilations=tuple(cfg.refine.dilations),
@@ -272,9 +279,37 @@ def _check_known_keys(cfg: Any) -> None:
         raise ValueError(f"unknown config key {unknown[0]!r}{hint}")
 
 
+def load_plugins(modules: Any) -> None:
+    """Import the user's modules named in `plugins`, so that what they register is known before validation."""
+    for module in modules or ():
+        try:
+            importlib.import_module(module)
+        except ImportError as err:
+            raise ValueError(f"plugins: cannot import {module!r} ({err}); is it on PYTHONPATH?") from err
+
+
+def check_protocol_choice() -> None:
+    """`protocol=X` names a file of conf/protocol (or of a search-path folder); an optional group alone would skip
+    a misspelt name silently. The default choice, `<method>_<dataset>`, may have no file: the dataset's own values."""
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+
+    if not (HydraConfig.initialized() and GlobalHydra.instance().is_initialized()):
+        return
+    choices = HydraConfig.get().runtime.choices
+    choice = choices.get("protocol")
+    if choice is None or choice == f"{choices.get('method')}_{choices.get('dataset')}":
+        return
+    valid = GlobalHydra.instance().config_loader().get_group_options("protocol")
+    if choice not in valid:
+        raise ValueError(f"unknown protocol {choice!r}; valid choices: {valid} (unset = the method's own)")
+
+
 def validate(cfg: Any) -> None:
     """Checks the schema cannot express; raises ValueError with one line naming the bad value."""
     _check_known_keys(cfg)
+    load_plugins(cfg.get("plugins"))
+    check_protocol_choice()
     get_attention(cfg.attention.name)
     if cfg.arch.name not in list_archs():
         raise ValueError(f"unknown arch {cfg.arch.name!r}; valid choices: {list_archs()}")
@@ -285,6 +320,9 @@ def validate(cfg: Any) -> None:
         raise ValueError(f"unknown backbone.precision {cfg.backbone.precision!r}; valid: {list(PRECISIONS)}")
     if cfg.refine.name not in ("none", "pamr"):
         raise ValueError(f"unknown refine {cfg.refine.name!r}; valid choices: ['none', 'pamr']")
+    area_thd = cfg.dataset.area_thd if "dataset" in cfg else cfg.get("area_thd", 0.0)
+    if not 0.0 <= area_thd < 1.0:
+        raise ValueError(f"area_thd must be in [0, 1) (a share of the predicted foreground area), got {area_thd}")
     for key in ("batch_size", "crop_batch_size"):
         if key in cfg and cfg[key] < 1:
             raise ValueError(f"{key} must be >= 1, got {cfg[key]}")

@@ -44,7 +44,7 @@ class DenseEncoder(nn.Module):
 
     Args:
         model: an open_clip CLIP model (see :func:`naclip.load_clip`) with a ViT image tower.
-        attention: "vanilla", "kk_sim", "n_only" or "full" (NACLIP).
+        attention: a name of :func:`naclip.list_attentions`, e.g. "full" (NACLIP), "csa" (SCLIP), "qq" (ClearCLIP).
         arch: "vanilla" (CLIP's last block) or "reduced" (no residual, no FFN).
         sigma: standard deviation of the Gaussian prior in patches (used by "n_only" and "full").
 

@@ -31,6 +31,15 @@ def slide_windows(height: int, width: int, crop: int, stride: int) -> list[Windo
     return windows
 
 
+def suppress_small_classes(probs: Tensor, area_thd: float) -> Tensor:
+    """SCLIP's ``area_thd`` on (C, H, W) probabilities, class 0 = background: every other class whose argmax area
+    is at most ``area_thd`` × the predicted non-background area gets probability 0 everywhere."""
+    areas = torch.bincount(probs.argmax(dim=0).flatten(), minlength=probs.shape[0])  # (C,) pixels per class
+    small = areas <= area_thd * areas[1:].sum()
+    small[0] = False  # background is never suppressed
+    return probs * (~small).to(probs.dtype)[:, None, None]
+
+
 def normalize_class_names(class_names: Sequence[Sequence[str] | str]) -> list[list[str]]:
     """Accept ["cat", ["person", "person in shirt"], "dog, puppy"]: class i → its list of names."""
     if isinstance(class_names, str) or len(class_names) == 0:
@@ -54,6 +63,8 @@ class Segmenter(nn.Module):
         slide_crop, slide_stride: sliding-window size and stride in pixels; slide_crop=0 = whole image.
         logit_scale: temperature of the softmax over query names.
         prob_thd: pixels whose best class probability is below it become class 0 (background).
+        area_thd: SCLIP's small-region suppression: a non-background class whose argmax area is at most
+            area_thd × the whole predicted non-background area gets probability 0 everywhere (None/0 = off).
         pamr: refine the logits with PAMR before the softmax.
         templates: prompt templates, default the 80 OpenAI ones.
         pamr_steps, pamr_dilations: PAMR iterations and dilations.
@@ -85,8 +96,11 @@ class Segmenter(nn.Module):
         pamr_dilations: Sequence[int] = (8, 16),
         crop_batch_size: int = 64,
         cache_dir: str | os.PathLike | None = None,
+        area_thd: float | None = None,
     ) -> None:
         super().__init__()
+        if area_thd is not None and not 0.0 <= float(area_thd) < 1.0:
+            raise ValueError(f"area_thd must be in [0, 1) or None, got {area_thd}")
         if slide_crop < 0 or (slide_crop > 0 and slide_stride <= 0):
             raise ValueError(f"slide_crop must be >= 0 and slide_stride > 0, got {slide_crop}, {slide_stride}")
         if crop_batch_size < 1:
@@ -100,6 +114,7 @@ class Segmenter(nn.Module):
         self.register_buffer("classifier", classifier, persistent=False)  # (Q, D)
         self.slide_crop, self.slide_stride = int(slide_crop), int(slide_stride)
         self.logit_scale, self.prob_thd = float(logit_scale), float(prob_thd)
+        self.area_thd = float(area_thd or 0.0)
         self.pamr = PAMR(pamr_steps, tuple(pamr_dilations)) if pamr else None
         self.crop_batch_size = int(crop_batch_size)
 
@@ -175,6 +190,8 @@ class Segmenter(nn.Module):
         return out.scatter_reduce_(0, index, probs, reduce="amax", include_self=False)  # (C, H', W')
 
     def _labels(self, probs: Tensor) -> Tensor:
+        if self.area_thd > 0:
+            probs = suppress_small_classes(probs, self.area_thd)
         best, labels = probs.max(dim=0)
         labels[best < self.prob_thd] = 0
         return labels

@@ -436,6 +436,60 @@ TABLE_BUILDERS: dict[str, Callable[[list[dict]], Table]] = {
 }
 
 
+# -------------------------------------------------------------------------------------------- methods table
+# PUBLISHED REFERENCE VALUES of the neighbouring methods — mIoU (%) with ViT-B/16, in DATASET_COLUMNS order, as
+# printed in the source named beside each; NOT results of this framework. `protocol` is the `dataset.protocol`
+# value a run under the method's published protocol records ("dataset" = the dataset config's own, NACLIP's).
+@dataclass(frozen=True)
+class _MethodSpec:
+    label: str
+    attention: str
+    arch: str
+    protocol: str
+    published: tuple[float, ...]
+    source: str
+
+
+METHODS: dict[str, _MethodSpec] = {
+    "clip": _MethodSpec("CLIP", "vanilla", "vanilla", "dataset", _PAPER_VANILLA_CLIP, "NACLIP Table 1"),
+    "maskclip": _MethodSpec(
+        "MaskCLIP", "value", "reduced", "dataset", (43.4, 23.2, 20.6, 74.9, 24.9, 26.4, 11.9, 16.7), "NACLIP Table 1"
+    ),
+    "sclip": _MethodSpec(
+        "SCLIP", "csa", "vanilla", "sclip", (59.1, 30.4, 30.5, 80.4, 32.2, 34.2, 16.1, 22.4), "NACLIP Table 1"
+    ),
+    "clearclip": _MethodSpec(
+        "ClearCLIP", "qq", "reduced", "clearclip", (51.8, 32.6, 33.0, 80.9, 30.0, 35.9, 16.7, 23.9), "ClearCLIP Table 1"
+    ),
+    "naclip": _MethodSpec("NACLIP", "full", "reduced", "dataset", PAPER_RESULTS["table1"]["none"], "NACLIP Table 1"),
+}
+_METHODS_TITLE = "Methods — the family side by side (ViT-B/16, no PAMR)"
+
+
+def _protocol(result: Mapping[str, Any]) -> str:
+    dataset = (result.get("config") or {}).get("dataset") or {}
+    return str(dataset.get("protocol", "dataset"))
+
+
+def methods_table(results: list[dict]) -> Table:
+    """Each method measured under its published protocol, then under the shared one where that differs, then its
+    published row (source named in the label). A run counts for a method only with that method's attention and
+    arch, so `method=sclip attention=full` never fills SCLIP's row."""
+    table = Table(_METHODS_TITLE, [*DATASET_COLUMNS.values(), "Avg"])
+    for method, spec in METHODS.items():
+        choices = {"backbone": "b16", "refine": "none", "method": method}
+        choices.update(attention=spec.attention, arch=spec.arch)
+        protocols = [(spec.protocol, spec.label)]
+        if spec.protocol != "dataset":
+            protocols.append(("dataset", f"{spec.label} (shared protocol)"))
+        for protocol, label in protocols:
+            measured = _measured([r for r in results if _protocol(r) == protocol], choices)
+            values, flags = _cells(measured, list(DATASET_COLUMNS))
+            table.add_row(label, values, _marked_columns(table.columns, flags))
+        table.add_row(f"{spec.label} (published, {spec.source})", [*spec.published, _mean_if_complete(spec.published)])
+    return table
+
+
 def build_tables(results: list[dict]) -> dict[str, Table]:
     """Rebuild Tables 1–4 of the NACLIP paper from results in ``result.json`` form (σ = 5 only).
 
@@ -536,7 +590,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Print Tables 1–4 as markdown and write ``table{1..4}.csv`` and ``sigma_sweep.png`` to ``--out``.
+    """Print Tables 1–4 and the methods table as markdown; write their CSVs and ``sigma_sweep.png`` to ``--out``.
 
     Results with random weights or on a partial split are left out unless ``--include-partial`` is given.
     """
@@ -553,7 +607,7 @@ def main(argv: list[str] | None = None) -> int:
     results, note = select_results(results, args.include_partial)
     if note:
         print(f"naclip.tables: {note}", file=sys.stderr)
-    tables = build_tables(results)
+    tables = {**build_tables(results), "methods": methods_table(results)}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for name, table in tables.items():

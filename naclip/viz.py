@@ -20,7 +20,7 @@ from matplotlib.patches import Rectangle
 from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor, nn
 
-from naclip.attention import attention_weights, gaussian_prior, get_attention
+from naclip.attention import ATTENTIONS, attention_weights, gaussian_prior, get_attention
 from naclip.encoder import DenseEncoder
 
 Patch = tuple[int, int]  # (row, col) in the patch grid
@@ -32,10 +32,22 @@ VARIANT_TITLES: dict[str, str] = {
     "kk_sim": "key-key (k·k)",
     "n_only": "neighbourhood only",
     "full": "NACLIP (k·k + Gaussian)",
+    "value": "MaskCLIP (v: itself only)",
+    "qq": "ClearCLIP (q·q)",
+    "csa": "SCLIP (q·q + k·k)",
 }
 
 
 BACKGROUND = "background"
+
+
+def variant_title(name: str) -> str:
+    """Column title of a variant; one whose rows do not sum to 1 (SCLIP's csa: 2) says how it is normalised."""
+    title = VARIANT_TITLES.get(name, name)
+    variant = ATTENTIONS.get(name)
+    if variant is not None and variant.row_sum != 1.0:
+        title += f"\nweights ÷ {variant.row_sum:g} (rows sum to {variant.row_sum:g})"
+    return title
 
 
 def label_colormap() -> np.ndarray:
@@ -91,7 +103,8 @@ def attention_maps(
 
     Returns:
         ``{variant: (len(patches), rows, cols)}`` float32 CPU tensors; the CLS column is dropped, so a row
-        sums to one minus the mass on the class token.
+        sums to one minus the mass on the class token. Variants whose weight rows sum to more than one (SCLIP's
+        ``csa``, two softmaxes: 2) are divided by that sum, and their figure title says so.
 
     Example:
         >>> maps = attention_maps(model, x, [(3, 4)])  # maps["full"].shape == (1, rows, cols)
@@ -118,7 +131,7 @@ def attention_maps(
     maps = {}
     for name, kind in kinds.items():
         prior = gaussian_prior(grid, sigma, device=q.device, dtype=q.dtype) if kind.uses_sigma else None
-        weights = attention_weights(kind, q, k, prior)[0].float().mean(dim=0)  # (1+N, 1+N), head average
+        weights = attention_weights(kind, q, k, prior)[0].float().mean(dim=0) / kind.row_sum  # (1+N, 1+N)
         maps[name] = weights[queries, 1:].reshape(len(patches), rows, cols).cpu()  # (P, rows, cols)
     return maps
 
@@ -268,7 +281,7 @@ def plot_attention(
     FigureCanvasAgg(fig)
     axes = fig.subplots(len(patches), ncols, squeeze=False)
     for i, (r, c) in enumerate(patches):
-        panels = [("image", None)] + [(VARIANT_TITLES.get(n, n), m[i]) for n, m in maps.items()]
+        panels = [("image", None)] + [(variant_title(n), m[i]) for n, m in maps.items()]
         for j, (title, heat) in enumerate(panels):
             ax = axes[i, j]
             ax.imshow(pixels)

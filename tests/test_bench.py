@@ -97,7 +97,8 @@ def test_quick_run_writes_complete_json(tmp_path):
     assert result["threads"] >= 1
 
     combos = {(r["model"], r["attention"], r["arch"]) for r in result["encoder"]}
-    attentions, archs = ("vanilla", "kk_sim", "n_only", "full"), ("vanilla", "reduced")
+    attentions = ("vanilla", "kk_sim", "n_only", "full", "value", "qq", "csa")
+    archs = ("vanilla", "reduced")
     assert combos == {("ViT-B-32", a, r) for a in attentions for r in archs}
     for row in result["encoder"]:
         assert row["naclip_ms"] > 0 and row["open_clip_ms"] > 0 and row["ratio"] > 0

@@ -383,7 +383,7 @@ def test_main_writes_tables_and_plot(tmp_path, capsys):
         assert (out / f"table{n}.csv").read_text(encoding="utf-8").startswith("Method,")
     assert "| NACLIP (paper) | 58.9 |" in printed
     assert (out / "sigma_sweep.png").stat().st_size > 1000
-    assert f"wrote table1.csv, table2.csv, table3.csv, table4.csv, sigma_sweep.png to {out}" in printed
+    assert f"wrote table1.csv, table2.csv, table3.csv, table4.csv, methods.csv, sigma_sweep.png to {out}" in printed
 
 
 def test_main_default_out_dir_is_tables_under_cwd(tmp_path, monkeypatch, capsys):
@@ -391,7 +391,7 @@ def test_main_default_out_dir_is_tables_under_cwd(tmp_path, monkeypatch, capsys)
     monkeypatch.chdir(tmp_path)
     assert main(["--source", "local", "outputs"]) == 0
     assert sorted(p.name for p in (tmp_path / "tables").iterdir()) == [
-        "sigma_sweep.png", "table1.csv", "table2.csv", "table3.csv", "table4.csv",
+        "methods.csv", "sigma_sweep.png", "table1.csv", "table2.csv", "table3.csv", "table4.csv",
     ]  # fmt: skip
     assert "to tables" in capsys.readouterr().out
 
@@ -402,7 +402,7 @@ def test_main_without_sweep_results_writes_no_png(tmp_path, capsys):
     assert main(["--source", "local", str(tmp_path / "outputs"), "--out", str(out)]) == 0
     assert not (out / "sigma_sweep.png").exists()
     captured = capsys.readouterr()
-    assert "wrote table1.csv, table2.csv, table3.csv, table4.csv to" in captured.out
+    assert "wrote table1.csv, table2.csv, table3.csv, table4.csv, methods.csv to" in captured.out
     assert "no σ-sweep results" in captured.err
 
 

@@ -132,16 +132,22 @@ class PredictConfig(MethodConfig):
     text_cache_dir: str | None = None
 
 
-def build_segmenter(cfg: Any, class_names: list[list[str]], protocol: Any, device: str) -> tuple[Any, tuple, tuple]:
+def build_segmenter(
+    cfg: Any, class_names: list[list[str]], protocol: Any, device: str, model: Any = None
+) -> tuple[Any, tuple, tuple]:
     """The model and segmenter a run or predict config describes: (segmenter on device, mean, std).
 
     `protocol` holds slide_crop, slide_stride, logit_scale and prob_thd (the dataset group, or predict's top level).
+    `model`: the backbone already loaded (fused sweeps build many segmenters on one model); None loads it.
     """
     from naclip.clip import image_mean_std, load_clip
     from naclip.segmenter import Segmenter
 
     backbone = cfg.backbone
-    model = load_clip(backbone.model, backbone.pretrained, device, backbone.precision, quick_gelu=backbone.quick_gelu)
+    if model is None:
+        model = load_clip(
+            backbone.model, backbone.pretrained, device, backbone.precision, quick_gelu=backbone.quick_gelu
+        )
     segmenter = Segmenter(
         model,
         class_names,

@@ -12,7 +12,8 @@ import resource
 import shutil
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,7 @@ from naclip.results import (
 )
 
 log = logging.getLogger("naclip.run")
+Sample = tuple[np.ndarray, np.ndarray, np.ndarray, str]  # image, prediction, label, name (overlays)
 config.register()
 
 
@@ -94,60 +96,103 @@ def _batches(loader: Any, on_error: str, skipped: list[dict[str, str]]) -> Itera
             yield {k: [v[i] for i in keep] for k, v in batch.items()}
 
 
+KNOWN_ERRORS = (DatasetError, WeightsUnavailableError, ValueError)
+Predict = Callable[[list[torch.Tensor], list[tuple[int, int]]], list[list[torch.Tensor]]]
+
+
 def evaluate(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     """Evaluate one configuration; returns the result dict (also written by the sinks on rank 0)."""
     config.validate(cfg)
-    resolved = OmegaConf.to_container(cfg, resolve=True)
-    previous = read_finished_result(out_dir)
-    if previous is not None and not cfg.force and previous.get("config") == resolved:
+    previous = finished_result(cfg, out_dir)
+    if previous is not None:
         log.info("skipping: %s already holds a finished result for this config (force=true re-runs)", out_dir)
         print(f"skipped (finished result in {out_dir}): mIoU {previous['miou']:.2f}")
         return previous
 
+    device, rank, world = setup_device(cfg)
+    dataset, shard = load_shard(cfg, rank, world)  # fails on a missing root before any model loads
+    segmenter, mean, std = config.build_segmenter(cfg, dataset.class_names, cfg.dataset, device)
+    metric = IoUMetric(dataset.num_classes, ignore_index=dataset.ignore_index, device=device)
+    samples: list[Sample] = []
+    run = run_pass(cfg, shard, lambda images, sizes: [segmenter.predict_list(images, sizes)], [metric], [samples],
+                   mean, std, device, rank)
+    return write_result(cfg, out_dir, job_scores(metric, run, device), samples, dataset.class_names, rank, world)
+
+
+def finished_result(cfg: DictConfig, out_dir: Path) -> dict[str, Any] | None:
+    """The finished result `out_dir` holds for exactly this config, which a re-run skips (None: run it)."""
+    previous = read_finished_result(out_dir)
+    if previous is not None and not cfg.force and previous.get("config") == OmegaConf.to_container(cfg, resolve=True):
+        return previous
+    return None
+
+
+def setup_device(cfg: DictConfig) -> tuple[str, int, int]:
+    """(device, rank, world size) of this process, the process group joined and the seed set."""
     device = auto_device(cfg.backbone.device)
     rank, world = setup_distributed(device)
     if device.startswith("cuda") and world > 1:
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}"
     torch.manual_seed(cfg.seed)
+    return device, rank, world
 
-    dataset_cfg = OmegaConf.to_container(cfg.dataset, resolve=True)
-    dataset = build_dataset(dataset_cfg, on_error=cfg.on_error)  # fails on a missing root before any model loads
+
+def load_shard(cfg: DictConfig, rank: int, world: int) -> tuple[Any, torch.utils.data.Subset]:
+    """The dataset and this rank's shard of its first max_images images."""
+    dataset = build_dataset(OmegaConf.to_container(cfg.dataset, resolve=True), on_error=cfg.on_error)
     count = len(dataset) if cfg.max_images is None else min(cfg.max_images, len(dataset))
-    shard = torch.utils.data.Subset(dataset, shard_indices(count, rank, world))
+    return dataset, torch.utils.data.Subset(dataset, shard_indices(count, rank, world))
 
-    segmenter, mean, std = config.build_segmenter(cfg, dataset.class_names, cfg.dataset, device)
-    metric = IoUMetric(dataset.num_classes, ignore_index=dataset.ignore_index, device=device)
 
-    sinks: list[Sink] = []
-    if rank == 0:
-        sinks.append(LocalSink(out_dir))
-        if cfg.logger.name == "wandb":
-            sinks.append(
-                WandbSink(
-                    out_dir,
-                    project=cfg.logger.project,
-                    group=cfg.experiment_name,
-                    name=out_dir.name,
-                    config={"choices": _choices(), "config": resolved, "overrides": _overrides()},
-                    class_names=[names[0] for names in dataset.class_names],
-                    entity=cfg.logger.entity,
-                    mode=cfg.logger.mode,
-                    init_timeout=cfg.logger.init_timeout,
-                )
+def open_sinks(cfg: DictConfig, out_dir: Path, class_names: list[list[str]], rank: int) -> list[Sink]:
+    """The job's result sinks (rank 0 only): result.json, and W&B when logger=wandb."""
+    if rank != 0:
+        return []
+    sinks: list[Sink] = [LocalSink(out_dir)]
+    if cfg.logger.name == "wandb":
+        sinks.append(
+            WandbSink(
+                out_dir,
+                project=cfg.logger.project,
+                group=cfg.experiment_name,
+                name=out_dir.name,
+                config={"choices": _choices(), "config": OmegaConf.to_container(cfg, resolve=True),
+                        "overrides": _overrides()},
+                class_names=[names[0] for names in class_names],
+                entity=cfg.logger.entity,
+                mode=cfg.logger.mode,
+                init_timeout=cfg.logger.init_timeout,
             )
+        )
+    return sinks
+
+
+def write_result(
+    cfg: DictConfig,
+    out_dir: Path,
+    scores: dict[str, Any],
+    samples: list[Sample],
+    class_names: list[list[str]],
+    rank: int,
+    world: int,
+) -> dict[str, Any]:
+    """A finished job's result with its provenance, handed to its sinks (always closed) and reported on rank 0."""
+    sinks = open_sinks(cfg, out_dir, class_names, rank)
     try:
-        result = _loop(cfg, shard, segmenter, metric, mean, std, device, rank, sinks)
+        for sink in sinks:
+            sink.log_samples(samples)
+        result = dict(scores)
         result.update(
             choices=_choices(),
             overrides=_overrides(),
-            config=resolved,
+            config=OmegaConf.to_container(cfg, resolve=True),
             versions=package_versions(),
             git_commit=git_commit(),
             world_size=world,
             finished_at=utc_now(),
         )
         per_class = result.pop("per_class_list")
-        result["per_class_iou"] = {names[0]: iou for names, iou in zip(dataset.class_names, per_class, strict=True)}
+        result["per_class_iou"] = {names[0]: iou for names, iou in zip(class_names, per_class, strict=True)}
         for sink in sinks:
             sink.write(result)
     finally:
@@ -158,7 +203,28 @@ def evaluate(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     return result
 
 
-def _loop(cfg, shard, segmenter, metric, mean, std, device, rank, sinks) -> dict[str, Any]:
+@dataclass
+class PassStats:
+    """What one pass over a shard measured, shared by every job it evaluated."""
+
+    seen: int
+    seconds: float
+    skipped: list[dict[str, str]]
+
+
+def run_pass(
+    cfg: DictConfig,
+    shard: Any,
+    predict: Predict,
+    metrics: list[IoUMetric],
+    samples: list[list[Sample]],
+    mean: tuple,
+    std: tuple,
+    device: str,
+    rank: int,
+) -> PassStats:
+    """One pass over the shard: each batch decoded and normalized once, `predict` gives every job's label maps
+    (job j's are predict(...)[j]), which update job j's metric and overlay samples."""
     loader = torch.utils.data.DataLoader(
         shard,
         batch_size=cfg.batch_size,
@@ -167,21 +233,21 @@ def _loop(cfg, shard, segmenter, metric, mean, std, device, rank, sinks) -> dict
         persistent_workers=False,
     )
     skipped: list[dict[str, str]] = []
-    samples: list[tuple[np.ndarray, np.ndarray, np.ndarray, str]] = []
     seen, start = 0, time.perf_counter()
     bar = tqdm(total=len(shard), disable=rank != 0 or not sys.stderr.isatty(), desc="eval", unit="img")
     for batch in _batches(loader, cfg.on_error, skipped):
         images = [normalize_images(im.to(device), mean, std) for im in batch["image"]]
         labels = [lb.to(device) for lb in batch["label"]]
-        preds = segmenter.predict_list(images, [tuple(lb.shape) for lb in labels])
-        for pred, label, image, name in zip(preds, labels, batch["image"], batch["name"], strict=True):
-            metric.update(pred, label)
-            if len(samples) < cfg.logger.log_images:
-                pixels = image.permute(1, 2, 0).numpy()
-                samples.append((pixels, _resize_nearest(pred, image), _resize_nearest(label, image), name))
-        seen += len(preds)
-        bar.update(len(preds))
-        if rank == 0 and cfg.log_every and (seen // cfg.log_every) > ((seen - len(preds)) // cfg.log_every):
+        per_job = predict(images, [tuple(lb.shape) for lb in labels])
+        for preds, metric, job_samples in zip(per_job, metrics, samples, strict=True):
+            for pred, label, image, name in zip(preds, labels, batch["image"], batch["name"], strict=True):
+                metric.update(pred, label)
+                if len(job_samples) < cfg.logger.log_images:
+                    pixels = image.permute(1, 2, 0).numpy()
+                    job_samples.append((pixels, _resize_nearest(pred, image), _resize_nearest(label, image), name))
+        seen += len(labels)
+        bar.update(len(labels))
+        if rank == 0 and cfg.log_every and (seen // cfg.log_every) > ((seen - len(labels)) // cfg.log_every):
             elapsed = time.perf_counter() - start
             rate = seen / elapsed
             log.info(
@@ -189,11 +255,14 @@ def _loop(cfg, shard, segmenter, metric, mean, std, device, rank, sinks) -> dict
                 seen, len(shard), rate, (len(shard) - seen) / rate, peak_memory_mb(device),
             )
     bar.close()
+    return PassStats(seen, time.perf_counter() - start, skipped)
+
+
+def job_scores(metric: IoUMetric, run: PassStats, device: str) -> dict[str, Any]:
+    """One job's scores after a pass (collective under torch.distributed: call in the same order on every rank)."""
     scores = metric.compute()  # collective under torch.distributed: sums the confusion matrices
-    seconds = _across_ranks(time.perf_counter() - start, "max")
-    total = int(_across_ranks(seen))
-    for sink in sinks:
-        sink.log_samples(samples)
+    seconds = _across_ranks(run.seconds, "max")
+    total = int(_across_ranks(run.seen))
     return {
         "miou": scores["miou"],
         "per_class_list": scores["per_class_iou"],
@@ -202,7 +271,7 @@ def _loop(cfg, shard, segmenter, metric, mean, std, device, rank, sinks) -> dict
         "seconds": round(seconds, 3),
         "images_per_sec": round(total / seconds, 4) if seconds > 0 else None,
         "peak_memory_mb": round(_across_ranks(peak_memory_mb(device), "max"), 1),
-        "skipped": _gather_skipped(skipped),
+        "skipped": _gather_skipped(run.skipped),
     }
 
 
@@ -241,6 +310,12 @@ def _report(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def report_failure(out_dir: Path, err: BaseException) -> None:
+    """A job ended with a known error: one line on stderr, nothing half-written left in its folder."""
+    print(f"naclip.run: error: {err}", file=sys.stderr)
+    _remove_unfinished(out_dir)
+
+
 def _remove_unfinished(out_dir: Path) -> None:
     """A job that failed before finishing leaves nothing behind (Hydra made its folder before we ran)."""
     if (out_dir / "result.json").exists():
@@ -255,9 +330,8 @@ def main(cfg: DictConfig) -> float | None:
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         return float(evaluate(cfg, out_dir)["miou"])
-    except (DatasetError, WeightsUnavailableError, ValueError) as err:
-        print(f"naclip.run: error: {err}", file=sys.stderr)
-        _remove_unfinished(out_dir)
+    except KNOWN_ERRORS as err:
+        report_failure(out_dir, err)
         sys.exit(2)
     finally:
         if dist.is_initialized():

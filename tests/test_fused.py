@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -174,8 +176,8 @@ def test_a_job_whose_segmenter_cannot_be_built_fails_alone(tmp_path):
     assert isinstance(done.outcomes[1].error, ValueError) and done.outcomes[1].scores is None
 
 
-def cli(args: list[str], out: Path, cache: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "NACLIP_OUTPUT": str(out), "NACLIP_CACHE": str(cache), "WANDB_MODE": "offline"}
+def cli(args: list[str], out: Path, cache: Path, **extra_env: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "NACLIP_OUTPUT": str(out), "NACLIP_CACHE": str(cache), "WANDB_MODE": "offline", **extra_env}
     return subprocess.run([sys.executable, "-m", "naclip.run", "-m", *args], capture_output=True, text=True, env=env,
                           timeout=600, check=False)
 
@@ -254,3 +256,40 @@ def test_fused_launcher_runs_a_finished_jobs_partner_alone(tmp_path, cache):
     assert proc.stdout.count("skipped (finished result in") == 1
     assert "fused pass" not in proc.stderr + proc.stdout  # one job left to run: it runs alone
     assert len(results(out)) == 2
+
+
+@pytest.mark.slow
+def test_fused_group_under_torchrun_matches_one_process(tmp_path, cache):
+    """Two ranks shard the fused group's images as they shard one job's; the numbers stay those of one process."""
+    sweep = [*SMOKE, "dataset.num_images=3", "attention.sigma=2,6", "refine=none,pamr"]
+    one = cli([*sweep, "hydra/launcher=fused"], tmp_path / "one", cache, OMP_NUM_THREADS="1")  # torchrun's setting
+    assert one.returncode == 0, one.stderr[-3000:]
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "NACLIP_OUTPUT": str(tmp_path / "two"), "NACLIP_CACHE": str(cache), "WANDB_MODE": "offline",
+           "OMP_NUM_THREADS": "1"}
+    two = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}", "-m",
+         "naclip.run", "-m", *sweep, "hydra/launcher=fused"],
+        capture_output=True, text=True, env=env, timeout=600, check=False,
+    )
+    assert two.returncode == 0, two.stderr[-3000:]
+    want, got = results(tmp_path / "one"), results(tmp_path / "two")
+    assert len(want) == 4 and set(got) == set(want)
+    for name, result in want.items():
+        assert got[name]["world_size"] == 2 and result["world_size"] == 1
+        assert got[name]["num_images"] == result["num_images"] == 3
+        assert (got[name]["miou"], got[name]["per_class_iou"]) == (result["miou"], result["per_class_iou"]), name
+
+
+@pytest.mark.slow
+def test_readme_fused_example_runs(cache):
+    """The README's FusedSegmenter example, with random weights instead of the (unavailable here) OpenAI ones."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = re.search(r"### Fused sweeps\n.*?```python\n(.*?)```", readme, re.S).group(1)
+    assert 'pretrained="openai"' in block
+    namespace: dict = {}
+    exec(block.replace('pretrained="openai"', "pretrained=None"), namespace)
+    labels = namespace["labels"]
+    assert len(labels) == 10 and all(lb.shape == (1, 224, 448) and lb.dtype == torch.int64 for lb in labels)

@@ -21,6 +21,7 @@ _EXPORTS = {
     "load_clip": "naclip.clip",
     "DenseEncoder": "naclip.encoder",
     "list_archs": "naclip.encoder",
+    "FusedSegmenter": "naclip.fused",
     "IoUMetric": "naclip.metrics",
     "PAMR": "naclip.pamr",
     "Predictor": "naclip.predictor",

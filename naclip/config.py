@@ -164,29 +164,45 @@ class PredictConfig(MethodConfig):
     text_cache_dir: str | None = None
 
 
-def build_segmenter(
-    cfg: Any,
-    class_names: list[list[str]],
-    protocol: Any,
-    device: str,
-    timings: dict[str, float] | None = None,
-) -> tuple[Any, tuple, tuple]:
-    """The model and segmenter a run or predict config describes: (segmenter on device, mean, std).
-
-    `protocol` holds slide_crop, slide_stride, logit_scale, prob_thd and area_thd (the dataset group, or predict's
-    top level). `timings`, when given, receives `seconds_model_load` and `seconds_text_classifier` (both steps
-    take seconds to minutes, so they are logged and reported apart from the evaluation time).
-    """
-    from naclip.clip import image_mean_std, load_clip
-    from naclip.segmenter import Segmenter
+def load_backbone(cfg: Any, device: str, timings: dict[str, float] | None = None) -> Any:
+    """The CLIP model of a run or predict config, its load logged; `timings` receives `seconds_model_load`."""
+    from naclip.clip import load_clip
 
     backbone = cfg.backbone
     weights = "random weights" if backbone.pretrained is None else f"weights {backbone.pretrained}"
     log.info("loading CLIP %s (%s, %s) on %s", backbone.model, weights, backbone.precision, device)
     start = time.perf_counter()
     model = load_clip(backbone.model, backbone.pretrained, device, backbone.precision, quick_gelu=backbone.quick_gelu)
+    seconds = time.perf_counter() - start
+    log.info("model loaded in %.1f s", seconds)
+    if timings is not None:
+        timings["seconds_model_load"] = round(seconds, 3)
+    return model
+
+
+def build_segmenter(
+    cfg: Any,
+    class_names: list[list[str]],
+    protocol: Any,
+    device: str,
+    timings: dict[str, float] | None = None,
+    model: Any = None,
+) -> tuple[Any, tuple, tuple]:
+    """The model and segmenter a run or predict config describes: (segmenter on device, mean, std).
+
+    `protocol` holds slide_crop, slide_stride, logit_scale, prob_thd and area_thd (the dataset group, or predict's
+    top level). `timings`, when given, receives `seconds_model_load` and `seconds_text_classifier` (both steps
+    take seconds to minutes, so they are logged and reported apart from the evaluation time). `model`: the
+    backbone already loaded (fused sweeps build many segmenters on one model); None loads it.
+    """
+    from naclip.clip import image_mean_std
+    from naclip.segmenter import Segmenter
+
+    backbone = cfg.backbone
+    if model is None:
+        model = load_backbone(cfg, device, timings)
+    log.info("building the text classifier for %d classes", len(class_names))
     loaded = time.perf_counter()
-    log.info("model loaded in %.1f s; building the text classifier for %d classes", loaded - start, len(class_names))
     segmenter = Segmenter(
         model,
         class_names,
@@ -207,7 +223,7 @@ def build_segmenter(
     built = time.perf_counter()
     log.info("text classifier ready in %.1f s", built - loaded)
     if timings is not None:
-        timings.update(seconds_model_load=round(loaded - start, 3), seconds_text_classifier=round(built - loaded, 3))
+        timings["seconds_text_classifier"] = round(built - loaded, 3)
     return segmenter, *image_mean_std(backbone.model, backbone.pretrained)
 
 

@@ -159,12 +159,19 @@ class DenseEncoder(nn.Module):
         x = x + block.ls_1(out)
         return x + block.ls_2(block.mlp(block.ln_2(x)))
 
+    def head(self, x: Tensor, grid: tuple[int, int]) -> Tensor:
+        """Modified last block and projection of the trunk's output: patch features (B, rows, cols, D).
+
+        Kept apart from :meth:`trunk` so several variants can share one trunk pass (see naclip.fused).
+        """
+        x = self.last_block(x, grid)
+        x = self.visual.ln_post(x) @ self.visual.proj  # (B, 1+N, D)
+        return x[:, 1:].reshape(x.shape[0], grid[0], grid[1], -1)
+
     def forward(self, images: Tensor) -> Tensor:
         """Projected, unnormalized patch features (B, H//p, W//p, D) of normalized images (B, 3, H, W)."""
         x, grid = self.embed(images)
-        x = self.last_block(self.trunk(x), grid)
-        x = self.visual.ln_post(x) @ self.visual.proj  # (B, 1+N, D)
-        return x[:, 1:].reshape(x.shape[0], grid[0], grid[1], -1)
+        return self.head(self.trunk(x), grid)
 
     def attention_weights(self, images: Tensor) -> tuple[Tensor, tuple[int, int]]:
         """Last-block attention probabilities (B, h, 1+N, 1+N) of this variant, and the patch grid."""

@@ -11,7 +11,8 @@ import os
 import resource
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,7 @@ from tqdm import tqdm
 
 from naclip import config, jobs
 from naclip.clip import WeightsUnavailableError
-from naclip.data import DatasetError, build_dataset, collate
+from naclip.data import DatasetError, SegmentationDataset, build_dataset, collate
 from naclip.metrics import IoUMetric
 from naclip.predictor import auto_device, normalize_images
 from naclip.results import (
@@ -43,6 +44,9 @@ from naclip.results import (
 )
 
 log = logging.getLogger("naclip.run")
+Sample = tuple[np.ndarray, np.ndarray, np.ndarray, str]  # image, prediction, label, name (overlays)
+# (images, label sizes) -> every job's label maps: job j's are the call's j-th list
+Predict = Callable[[list[torch.Tensor], list[tuple[int, int]]], list[list[torch.Tensor]]]
 config.register()
 
 
@@ -140,44 +144,77 @@ def _reuse(cfg: DictConfig, out_dir: Path, previous: dict[str, Any], resolved: d
     return previous
 
 
+def finished_result(cfg: DictConfig, out_dir: Path) -> dict[str, Any] | None:
+    """The finished result `out_dir` holds for the same result config, which a re-run reuses (None: run it)."""
+    previous = read_finished_result(out_dir)
+    if previous is None or cfg.force:
+        return None
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    return previous if config.result_config(previous["config"]) == config.result_config(resolved) else None
+
+
 def evaluate(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     """Evaluate one configuration; returns the result dict (also written by the sinks on rank 0)."""
     _refuse_preset_without_multirun()
     config.validate(cfg)
-    resolved = OmegaConf.to_container(cfg, resolve=True)
-    previous = read_finished_result(out_dir)
-    if (
-        previous is not None
-        and not cfg.force
-        and config.result_config(previous["config"]) == config.result_config(resolved)
-    ):
-        return _reuse(cfg, out_dir, previous, resolved)
+    previous = finished_result(cfg, out_dir)
+    if previous is not None:
+        return _reuse(cfg, out_dir, previous, OmegaConf.to_container(cfg, resolve=True))
 
+    device, rank, world = setup_device(cfg)
+    dataset, shard = load_shard(cfg, rank, world)  # fails on a missing root before any model loads
+    timings: dict[str, float] = {}
+    segmenter, mean, std = config.build_segmenter(cfg, dataset.class_names, cfg.dataset, device, timings)
+    metric = IoUMetric(dataset.num_classes, ignore_index=dataset.ignore_index, device=device)
+    samples: list[Sample] = []
+    stats = run_pass(cfg, shard, lambda images, sizes: [segmenter.predict_list(images, sizes)], [metric], [samples],
+                     mean, std, device, rank)
+    scores = {**job_scores(metric, stats, device), **timings}
+    return write_result(cfg, out_dir, scores, samples, dataset, rank, world)
+
+
+def setup_device(cfg: DictConfig) -> tuple[str, int, int]:
+    """(device, rank, world size) of this process, the process group joined and the seed set."""
     device = auto_device(cfg.backbone.device)
     rank, world = setup_distributed(device)
     if device.startswith("cuda") and world > 1:
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}"
     torch.manual_seed(cfg.seed)
+    return device, rank, world
 
+
+def load_shard(cfg: DictConfig, rank: int, world: int) -> tuple[SegmentationDataset, torch.utils.data.Subset]:
+    """The dataset and this rank's shard of its first max_images images.
+
+    Images smaller than one patch after the protocol resize become per-sample errors naming the file.
+    """
     dataset_cfg = OmegaConf.to_container(cfg.dataset, resolve=True)
-    # fails on a missing root before any model loads; images smaller than one patch become per-sample errors
     dataset = build_dataset(dataset_cfg, on_error=cfg.on_error, min_side=config.patch_size(cfg.backbone.model))
     count = len(dataset) if cfg.max_images is None else min(cfg.max_images, len(dataset))
-    shard = torch.utils.data.Subset(dataset, shard_indices(count, rank, world))
+    return dataset, torch.utils.data.Subset(dataset, shard_indices(count, rank, world))
 
-    timings: dict[str, float] = {}
-    segmenter, mean, std = config.build_segmenter(cfg, dataset.class_names, cfg.dataset, device, timings)
-    metric = IoUMetric(dataset.num_classes, ignore_index=dataset.ignore_index, device=device)
 
+def write_result(
+    cfg: DictConfig,
+    out_dir: Path,
+    scores: dict[str, Any],
+    samples: list[Sample],
+    dataset: SegmentationDataset,
+    rank: int,
+    world: int,
+) -> dict[str, Any]:
+    """A finished job's result with its provenance: reported on rank 0, then handed to its sinks (always closed)."""
+    resolved = OmegaConf.to_container(cfg, resolve=True)
     sinks: list[Sink] = []
     if rank == 0:
         sinks.append(LocalSink(out_dir))
         if cfg.logger.name == "wandb":
             sinks.append(_wandb_sink(cfg, out_dir, resolved, dataset.display_names))
     try:
-        result = _loop(cfg, shard, segmenter, metric, mean, std, device, rank, sinks)
+        for sink in sinks:
+            sink.log_samples(samples)
+        result = dict(scores)
         result.update(
-            timings,
             provenance=provenance(resolved, len(dataset), len(result["skipped"])),
             choices=_choices(),
             overrides=_overrides(),
@@ -199,7 +236,32 @@ def evaluate(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     return result
 
 
-def _loop(cfg, shard, segmenter, metric, mean, std, device, rank, sinks) -> dict[str, Any]:
+@dataclass
+class PassStats:
+    """What one pass over a shard measured, shared by every job it evaluated."""
+
+    seen: int
+    seconds: float
+    skipped: list[dict[str, str]]
+
+
+def run_pass(
+    cfg: DictConfig,
+    shard: Any,
+    predict: Predict,
+    metrics: list[IoUMetric],
+    samples: list[list[Sample]],
+    mean: tuple,
+    std: tuple,
+    device: str,
+    rank: int,
+) -> PassStats:
+    """One pass over the shard: each batch decoded and normalized once, `predict` gives every job's label maps
+    (job j's are predict(...)[j]), which update job j's metric and overlay samples.
+
+    Raises:
+        NoImagesError: every sample was skipped on every rank, so no job has a score.
+    """
     loader = torch.utils.data.DataLoader(
         shard,
         batch_size=cfg.batch_size,
@@ -208,22 +270,22 @@ def _loop(cfg, shard, segmenter, metric, mean, std, device, rank, sinks) -> dict
         persistent_workers=False,
     )
     skipped: list[dict[str, str]] = []
-    samples: list[tuple[np.ndarray, np.ndarray, np.ndarray, str]] = []
     seen, start = 0, time.perf_counter()
     bar = tqdm(total=len(shard), disable=rank != 0 or not sys.stderr.isatty(), desc="eval", unit="img")
     for batch in _batches(loader, cfg.on_error, skipped):
         images = [normalize_images(im.to(device), mean, std) for im in batch["image"]]
         labels = [lb.to(device) for lb in batch["label"]]
-        preds = segmenter.predict_list(images, [tuple(lb.shape) for lb in labels])
-        for pred, label, image, name in zip(preds, labels, batch["image"], batch["name"], strict=True):
-            metric.update(pred, label)
-            if len(samples) < cfg.logger.log_images:
-                pixels = image.permute(1, 2, 0).numpy()
-                samples.append((pixels, _resize_nearest(pred, image), _resize_nearest(label, image), name))
+        per_job = predict(images, [tuple(lb.shape) for lb in labels])
+        for preds, metric, job_samples in zip(per_job, metrics, samples, strict=True):
+            for pred, label, image, name in zip(preds, labels, batch["image"], batch["name"], strict=True):
+                metric.update(pred, label)
+                if len(job_samples) < cfg.logger.log_images:
+                    pixels = image.permute(1, 2, 0).numpy()
+                    job_samples.append((pixels, _resize_nearest(pred, image), _resize_nearest(label, image), name))
         first = seen == 0
-        seen += len(preds)
-        bar.update(len(preds))
-        crossed = cfg.log_every and (seen // cfg.log_every) > ((seen - len(preds)) // cfg.log_every)
+        seen += len(labels)
+        bar.update(len(labels))
+        crossed = cfg.log_every and (seen // cfg.log_every) > ((seen - len(labels)) // cfg.log_every)
         if rank == 0 and (first or crossed):  # the first batch shows at once that the job runs and how fast
             elapsed = time.perf_counter() - start
             rate = seen / elapsed
@@ -237,11 +299,14 @@ def _loop(cfg, shard, segmenter, metric, mean, std, device, rank, sinks) -> dict
             f"no images evaluated: all {len(skipped)} samples were skipped (on_error=skip; the log lists each "
             f"file and why)"
         )
-    scores = metric.compute()  # collective under torch.distributed: sums the confusion matrices
-    seconds = _across_ranks(time.perf_counter() - start, "max")  # the evaluation loop only
-    total = int(_across_ranks(seen))
-    for sink in sinks:
-        sink.log_samples(samples)
+    return PassStats(seen, time.perf_counter() - start, skipped)
+
+
+def job_scores(metric: IoUMetric, stats: PassStats, device: str) -> dict[str, Any]:
+    """One job's scores after a pass (collective under torch.distributed: call in the same order on every rank)."""
+    scores = metric.compute()  # sums the confusion matrices across ranks
+    seconds = _across_ranks(stats.seconds, "max")  # the evaluation pass only
+    total = int(_across_ranks(stats.seen))
     return {
         "miou": scores["miou"],
         "per_class_list": scores["per_class_iou"],
@@ -250,7 +315,7 @@ def _loop(cfg, shard, segmenter, metric, mean, std, device, rank, sinks) -> dict
         "seconds_eval": round(seconds, 3),
         "images_per_sec": round(total / seconds, 4) if seconds > 0 else None,
         "peak_memory_mb": round(_across_ranks(peak_memory_mb(device), "max"), 1),
-        "skipped": _gather_skipped(skipped),
+        "skipped": _gather_skipped(stats.skipped),
     }
 
 
@@ -319,10 +384,7 @@ def main(cfg: DictConfig) -> float | None:
         _record(jobs.record_failure, out_dir, "interrupted, no result written")
         sys.exit(130)  # stops a sweep too: the user asked to stop
     except KNOWN_ERRORS as err:
-        message = jobs.one_line(err)
-        print(f"naclip.run: error: {message}", file=sys.stderr, flush=True)
-        jobs.log_to_files(message)
-        _record(jobs.record_failure, out_dir, message)
+        report_failure(out_dir, err)
         if sweep:
             return None
         sys.exit(jobs.BAD_INPUT_EXIT)
@@ -331,6 +393,14 @@ def main(cfg: DictConfig) -> float | None:
             dist.destroy_process_group()
     _record(jobs.record_success, out_dir, miou, skipped=_result_stamp(out_dir) == before)
     return miou
+
+
+def report_failure(out_dir: Path, err: BaseException) -> None:
+    """A job ended with a known error: one line on stderr and in its log, the reason in its folder; nothing deleted."""
+    message = jobs.one_line(err)
+    print(f"naclip.run: error: {message}", file=sys.stderr, flush=True)
+    jobs.log_to_files(message)
+    _record(jobs.record_failure, out_dir, message)
 
 
 def _record(fn: Any, *args: Any, **kwargs: Any) -> None:

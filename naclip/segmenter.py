@@ -122,51 +122,58 @@ class Segmenter(nn.Module):
     def num_classes(self) -> int:
         return len(self.class_names)
 
-    def _patch_logits(self, crops: Tensor) -> Tensor:
-        """Cosine logits (n, Q, rows, cols) on the crops' patch grid."""
-        feats = F.normalize(self.encoder(crops).float(), dim=-1)  # (n, rows, cols, D)
+    def _trunk(self, crops: Tensor) -> tuple[Tensor, tuple[int, int]]:
+        """The part every configuration of one backbone shares: embedding and blocks 1..L-1, (n, 1+N, C)."""
+        x, grid = self.encoder.embed(crops)
+        return self.encoder.trunk(x), grid
+
+    def _head(self, x: Tensor, grid: tuple[int, int]) -> Tensor:
+        """This configuration's part: last block, projection, cosine logits (n, Q, rows, cols) of the trunk's output."""
+        feats = F.normalize(self.encoder.head(x, grid).float(), dim=-1)  # (n, rows, cols, D)
         return (feats @ self.classifier.float().T).permute(0, 3, 1, 2)  # (n, Q, rows, cols)
 
-    def _encode_grouped(self, crops: list[Tensor]) -> Iterator[tuple[int, Tensor]]:
-        """(index, patch-grid logits) of many crops, batched by shape in chunks of crop_batch_size.
+    def _patch_logits(self, crops: Tensor) -> Tensor:
+        """Cosine logits (n, Q, rows, cols) on the crops' patch grid."""
+        return self._head(*self._trunk(crops))
 
-        Yielded chunk by chunk so that only patch-resolution logits of one chunk are alive at a time.
-        """
+    def _crops(self, images: Sequence[Tensor]) -> tuple[list[Tensor], list[tuple[int, Window | None]]]:
+        """Every crop the encoder sees and its (image index, window); window None = the whole image."""
+        if self.slide_crop == 0:
+            return list(images), [(idx, None) for idx in range(len(images))]
+        crops, owners = [], []
+        for idx, image in enumerate(images):
+            for win in slide_windows(image.shape[-2], image.shape[-1], self.slide_crop, self.slide_stride):
+                crops.append(image[:, win[0] : win[1], win[2] : win[3]])
+                owners.append((idx, win))
+        return crops, owners
+
+    def _chunks(self, crops: Sequence[Tensor]) -> Iterator[list[int]]:
+        """Crop indices of each encoder forward: grouped by shape, at most crop_batch_size per chunk."""
         by_shape: dict[tuple[int, int], list[int]] = defaultdict(list)
         for i, crop in enumerate(crops):
             by_shape[tuple(crop.shape[-2:])].append(i)
         for indices in by_shape.values():
             for start in range(0, len(indices), self.crop_batch_size):
-                chunk = indices[start : start + self.crop_batch_size]
-                yield from zip(chunk, self._patch_logits(torch.stack([crops[i] for i in chunk])), strict=True)
+                yield indices[start : start + self.crop_batch_size]
 
-    @staticmethod
-    def _upsample(logits: Tensor, size: tuple[int, int]) -> Tensor:
-        return F.interpolate(logits[None], size=size, mode="bilinear", align_corners=False)[0]
+    def _encode_grouped(self, crops: list[Tensor]) -> Iterator[tuple[int, Tensor]]:
+        """(index, patch-grid logits) of many crops, one chunk per encoder forward.
+
+        Yielded chunk by chunk so that only patch-resolution logits of one chunk are alive at a time.
+        """
+        for chunk in self._chunks(crops):
+            yield from zip(chunk, self._patch_logits(torch.stack([crops[i] for i in chunk])), strict=True)
 
     @torch.no_grad()
     def logits_list(self, images: Sequence[Tensor]) -> list[Tensor]:
         """Cosine logits (Q, H, W) for images of any sizes, all their crops encoded together."""
         for image in images:
             check_images(image[None], self.encoder.patch_size)
-        if self.slide_crop == 0:
-            out: list[Tensor | None] = [None] * len(images)
-            for i, lg in self._encode_grouped(list(images)):
-                out[i] = self._upsample(lg, tuple(images[i].shape[-2:]))
-            return out  # type: ignore[return-value]
-        crops, owners = [], []
-        for idx, image in enumerate(images):
-            for win in slide_windows(image.shape[-2], image.shape[-1], self.slide_crop, self.slide_stride):
-                crops.append(image[:, win[0] : win[1], win[2] : win[3]])
-                owners.append((idx, win))
-        q = len(self.query_names)
-        sums = [image.new_zeros((q, *image.shape[-2:]), dtype=torch.float32) for image in images]
-        counts = [image.new_zeros(image.shape[-2:], dtype=torch.float32) for image in images]
+        crops, owners = self._crops(images)
+        accumulator = LogitsAccumulator(images, owners, len(self.query_names))
         for i, lg in self._encode_grouped(crops):
-            idx, (y1, y2, x1, x2) = owners[i]
-            sums[idx][:, y1:y2, x1:x2] += self._upsample(lg, (y2 - y1, x2 - x1))
-            counts[idx][y1:y2, x1:x2] += 1
-        return [s.div_(c) for s, c in zip(sums, counts, strict=True)]
+            accumulator.add(i, lg)
+        return accumulator.result()
 
     def logits(self, images: Tensor) -> Tensor:
         """Per-query cosine logits (B, Q, H, W) at input size."""
@@ -204,7 +211,12 @@ class Segmenter(nn.Module):
         out_sizes = list(out_sizes) if out_sizes is not None else [None] * len(images)
         if len(out_sizes) != len(images):
             raise ValueError(f"got {len(images)} images but {len(out_sizes)} output sizes")
-        logits = self.logits_list(images)
+        return self._predict_from_logits(images, self.logits_list(images), out_sizes)
+
+    def _predict_from_logits(
+        self, images: Sequence[Tensor], logits: Sequence[Tensor], out_sizes: Sequence[tuple[int, int] | None]
+    ) -> list[Tensor]:
+        """Label maps from each image's (Q, H, W) logits: this configuration's post-processing and labelling."""
         triples = zip(images, logits, out_sizes, strict=True)
         return [self._labels(self._class_probs(im, lg, size)) for im, lg, size in triples]
 
@@ -242,3 +254,37 @@ class Segmenter(nn.Module):
     def predict(self, images: Tensor, out_size: tuple[int, int] | None = None) -> Tensor:
         """Label maps (B, H', W') int64; below prob_thd → class 0."""
         return torch.stack([self._labels(p) for p in self.probs(images, out_size)])
+
+
+def _upsample(logits: Tensor, size: tuple[int, int]) -> Tensor:
+    return F.interpolate(logits[None], size=size, mode="bilinear", align_corners=False)[0]
+
+
+class LogitsAccumulator:
+    """Per-image logits (Q, H, W) at input size, filled crop by crop: whole images upsampled, windows averaged.
+
+    Apart from the encoder so that several configurations can fill their own from one shared trunk pass.
+    """
+
+    def __init__(self, images: Sequence[Tensor], owners: Sequence[tuple[int, Window | None]], num_queries: int) -> None:
+        self.owners = owners
+        self.sizes = [tuple(image.shape[-2:]) for image in images]
+        self.whole: list[Tensor | None] = [None] * len(images)
+        slide = any(win is not None for _, win in owners)
+        self.sums = [im.new_zeros((num_queries, *im.shape[-2:]), dtype=torch.float32) for im in images] if slide else []
+        self.counts = [im.new_zeros(im.shape[-2:], dtype=torch.float32) for im in images] if slide else []
+
+    def add(self, index: int, logits: Tensor) -> None:
+        """Take crop `index`'s patch-grid logits (Q, rows, cols)."""
+        idx, win = self.owners[index]
+        if win is None:
+            self.whole[idx] = _upsample(logits, self.sizes[idx])
+            return
+        y1, y2, x1, x2 = win
+        self.sums[idx][:, y1:y2, x1:x2] += _upsample(logits, (y2 - y1, x2 - x1))
+        self.counts[idx][y1:y2, x1:x2] += 1
+
+    def result(self) -> list[Tensor]:
+        if not self.sums:
+            return self.whole  # type: ignore[return-value]
+        return [s.div_(c) for s, c in zip(self.sums, self.counts, strict=True)]

@@ -14,6 +14,11 @@ Sections (all timed under ``torch.inference_mode`` with torch's default thread c
 7. label map (``--label-map``): peak CPU memory of producing the full-size label map of a huge photo
    (100 megapixels; --quick: 1 megapixel) from one image's logits: ``Segmenter.label_map`` (column bands) vs
    ``predict_list`` (all query logits upsampled at once), each in a fresh subprocess.
+8. sweep (``--sweep``; ``--sweep-only`` skips 1-7): the 10-value σ sweep and Table 3's four attentions
+   (vanilla arch) over the same generated VOC-sized images, each run as ``python -m naclip.run -m`` in a
+   fresh subprocess with the basic launcher and with ``hydra/launcher=fused``: total wall time of each,
+   the ratio, peak RSS of each against one job alone (targets: fused ≤ 0.35× basic for σ, ≤ 0.5× for the
+   attentions, peak ≤ 1.5× a single job's), and whether both launchers wrote identical mIoU and IoUs.
 
 Half precision (``--precision fp16`` / ``bf16``) runs on the CPU as well as on a GPU.
 
@@ -24,6 +29,7 @@ and the interquartile range (p25–p75) over rounds; ratios are per-round (paire
 Example:
     python scripts/bench.py --models ViT-B-16 ViT-B-32 --repeats 10 --out bench.json
     python scripts/bench.py --quick --memory --out /tmp/bench.json
+    python scripts/bench.py --sweep-only --out sweep.json
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ import argparse
 import gc
 import io
 import json
+import os
 import platform
 import resource
 import subprocess
@@ -77,6 +84,10 @@ FULL = {
     "memory_model": "ViT-L-14",
     "memory_image": (560, 1120),
     "label_map_size": (10000, 10000),
+    "sweep_backbone": "b16",
+    "sweep_images": 16,
+    "sweep_image": (375, 500),  # VOC-sized; voc21's protocol resizes it to 336×448 and segments it whole
+    "sweep_short_side": None,  # voc21's own
 }
 QUICK = {
     "models": ["ViT-B-32"],
@@ -90,7 +101,14 @@ QUICK = {
     "memory_model": None,  # the first --models entry
     "memory_image": (224, 448),
     "label_map_size": (1000, 1000),
+    "sweep_backbone": "b32",
+    "sweep_images": 2,
+    "sweep_image": (60, 80),
+    "sweep_short_side": 64,
 }
+SIGMAS = "1,2,3,4,5,6,7,8,9,10"
+SWEEP_FUSED_TARGET = {"sigma": 0.35, "attentions": 0.5}  # fused wall time / basic wall time
+SWEEP_MEMORY_TARGET = 1.5  # fused peak RSS / one job's peak RSS
 
 
 def class_names(dataset: str) -> list[list[str]]:
@@ -508,6 +526,112 @@ def bench_label_map(model: str, pretrained: str | None, size: Sequence[int]) -> 
         rows[path] = json.loads(proc.stdout.strip().splitlines()[-1])
     return {"model": model, "size": list(size), "classes": len(LABEL_MAP_CLASSES), "input": list(LABEL_MAP_INPUT),
             **rows}
+def make_voc_folder(root: Path, count: int, size: tuple[int, int], num_classes: int = 21) -> None:
+    """A VOC-layout folder of random JPEG images and PNG label maps (classes 0..num_classes-1, 255 borders)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for sub in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    names = [f"2007_{i:06d}" for i in range(count)]
+    for name in names:
+        Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(root / "JPEGImages" / f"{name}.jpg")
+        label = rng.integers(0, num_classes, size, dtype=np.uint8)
+        label[:2] = 255
+        Image.fromarray(label, mode="L").save(root / "SegmentationClass" / f"{name}.png")
+    (root / "ImageSets" / "Segmentation" / "val.txt").write_text("\n".join(names) + "\n")
+
+
+def run_naclip(args: Sequence[str], env: dict[str, str]) -> dict[str, Any]:
+    """`python -m naclip.run -m ARGS` in a fresh process: its wall time and its own peak RSS (from wait4)."""
+    with tempfile.TemporaryFile(mode="w+") as err:
+        start = time.perf_counter()
+        proc = subprocess.Popen([sys.executable, "-m", "naclip.run", "-m", *args], env=env,
+                                stdout=subprocess.DEVNULL, stderr=err)
+        _, status, usage = os.wait4(proc.pid, 0)  # reaps the child: its rusage alone, not all children's
+        seconds = time.perf_counter() - start
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        if proc.returncode != 0:
+            err.seek(0)
+            tail = err.read().strip().splitlines()[-1:] or ["(no output)"]
+            raise RuntimeError(f"naclip.run {' '.join(args)} failed ({proc.returncode}): {tail[0]}")
+    per_mib = 1024 * 1024 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
+    return {"seconds": seconds, "peak_rss_mb": usage.ru_maxrss / per_mib}
+
+
+def _sweep_results(folder: Path) -> dict[str, tuple[float, list[float | None]]]:
+    """The job's attention and arch → (mIoU, per-class IoUs), for every result.json under a sweep folder."""
+    out = {}
+    for path in folder.rglob("result.json"):
+        result = json.loads(path.read_text())
+        job = json.dumps([result["config"]["attention"], result["config"]["arch"]], sort_keys=True)
+        out[job] = (result["miou"], list(result["per_class_iou"].values()))
+    return out
+
+
+def bench_sweep(profile: dict[str, Any], pretrained: str | None, device: str) -> dict[str, Any]:
+    """Basic vs fused launcher on a σ sweep and on Table 3's attentions, each run in a fresh subprocess."""
+    with tempfile.TemporaryDirectory(prefix="naclip-sweep-bench-") as tmp:
+        root = Path(tmp)
+        make_voc_folder(root / "voc", profile["sweep_images"], profile["sweep_image"])
+        env = {**os.environ, "NACLIP_OUTPUT": str(root / "out"), "NACLIP_CACHE": str(root / "cache"),
+               "WANDB_MODE": "offline"}
+        common = ["dataset=voc21", f"dataset.root={root / 'voc'}", f"backbone={profile['sweep_backbone']}",
+                  f"backbone.pretrained={'null' if pretrained is None else pretrained}", f"backbone.device={device}",
+                  "num_workers=0", "logger=local"]
+        if profile["sweep_short_side"] is not None:
+            common.append(f"dataset.short_side={profile['sweep_short_side']}")
+        sweeps = {"sigma": [f"attention.sigma={SIGMAS}"],
+                  "attentions": ["attention=vanilla,n_only,kk_sim,full", "arch=vanilla"]}
+
+        def timed(name: str, extra: list[str]) -> dict[str, Any]:
+            print(f"[bench] sweep: {name} ...", file=sys.stderr, flush=True)
+            return run_naclip([*common, *extra, f"experiment_name={name}"], env)
+
+        timed("warmup", ["attention.sigma=5"])  # builds the text classifier cache every later run reads
+        single = timed("single", ["attention.sigma=5"])
+        out: dict[str, Any] = {
+            "backbone": profile["sweep_backbone"],
+            "images": profile["sweep_images"],
+            "image_size": list(profile["sweep_image"]),
+            "single": single,
+            "memory_target": SWEEP_MEMORY_TARGET,
+            "device": device,
+        }
+        for name, extra in sweeps.items():
+            basic = timed(f"{name}_basic", extra)
+            fused = timed(f"{name}_fused", [*extra, "hydra/launcher=fused"])
+            want = _sweep_results(root / "out" / "sweeps" / f"{name}_basic")
+            got = _sweep_results(root / "out" / "sweeps" / f"{name}_fused")
+            out[name] = {
+                "jobs": len(want),
+                "basic": basic,
+                "fused": fused,
+                "ratio": fused["seconds"] / basic["seconds"],
+                "target": SWEEP_FUSED_TARGET[name],
+                "fused_peak_vs_single": fused["peak_rss_mb"] / single["peak_rss_mb"],
+                "identical": bool(want) and want == got,
+            }
+    return out
+
+
+def format_sweep(sweep: dict[str, Any]) -> list[str]:
+    """Report lines of the sweep section."""
+    one = sweep["single"]
+    lines = [
+        f"Sweep: {sweep['backbone']} on {sweep['images']} generated {sweep['image_size'][0]}x"
+        f"{sweep['image_size'][1]} images (voc21 protocol) on {sweep['device']}, each run a fresh naclip.run -m",
+        f"  one job alone: {one['seconds']:.1f} s, peak RSS {one['peak_rss_mb']:.0f} MiB",
+    ]
+    for name, label in (("sigma", "sigma 1..10"), ("attentions", "4 attentions, vanilla arch")):
+        s = sweep[name]
+        lines.append(
+            f"  {label} ({s['jobs']} jobs): basic {s['basic']['seconds']:.1f} s, fused {s['fused']['seconds']:.1f} s"
+            f" = x{s['ratio']:.2f} (target <= {s['target']}); peak RSS basic {s['basic']['peak_rss_mb']:.0f},"
+            f" fused {s['fused']['peak_rss_mb']:.0f} MiB = x{s['fused_peak_vs_single']:.2f} one job's"
+            f" (target <= {sweep['memory_target']}); identical results: {s['identical']}"
+        )
+    return lines
 
 
 def format_report(result: dict[str, Any]) -> str:
@@ -558,8 +682,8 @@ def format_report(result: dict[str, Any]) -> str:
         f"hit {t['cache_hit_ms']:.2f} ms [{t['cache_hit_iqr_ms']:.2f}]   x{t['cache_speedup']:.0f}   "
         f"hit == miss: {t['cache_hit_equal']}",
     ]
-    d = result["data"]
-    lines += [
+    d = result.get("data")
+    lines += [] if d is None else [
         "",
         f"Data loading: decode + resize of a {d['image_size'][0]}x{d['image_size'][1]} JPEG to "
         f"{d['resized_size'][0]}x{d['resized_size'][1]} (median ms [IQR])",
@@ -568,7 +692,9 @@ def format_report(result: dict[str, Any]) -> str:
         f"x{d['speedup']:.2f} [{d['speedup_p25']:.2f}-{d['speedup_p75']:.2f}]",
         f"  uint8 values that differ: {100 * d['values_differ']:.1f} % (max {d['max_value_diff']} grey levels)",
     ]
-    m = result["memory"]
+    if result.get("sweep") is not None:
+        lines += ["", *format_sweep(result["sweep"])]
+    m = result.get("memory")
     if m is not None:
         lines += [
             "",
@@ -606,6 +732,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--quick", action="store_true", help="tiny sizes for tests: ViT-B-32, 2 rounds, tiny images")
     parser.add_argument("--label-map", action="store_true",
                         help="also measure the peak memory of a 100-megapixel label map (bands vs one shot)")
+    parser.add_argument("--sweep", action="store_true", help="also run the basic vs fused launcher sweep section")
+    parser.add_argument("--sweep-only", action="store_true", help="run only the sweep section")
     parser.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--label-map-child", default=None, help=argparse.SUPPRESS)
     return parser
@@ -637,6 +765,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """All sections; the first model also serves the batching and text sections."""
     profile = args.profile
+    if args.sweep_only:
+        print("[bench] sweep ...", file=sys.stderr, flush=True)
+        return {"sweep": bench_sweep(profile, args.pretrained, args.device)}
     device = torch.device(args.device)
     sync = make_sync(device)
     warmup = profile["warmup"]
@@ -688,6 +819,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.label_map:
         print("[bench] label map ...", file=sys.stderr, flush=True)
         result["label_map"] = bench_label_map(args.models[0], args.pretrained, profile["label_map_size"])
+    result["sweep"] = bench_sweep(profile, args.pretrained, args.device) if args.sweep else None
     return result
 
 
@@ -701,10 +833,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     try:
         result = run(args)
-    except (WeightsUnavailableError, ValueError) as err:
+    except (WeightsUnavailableError, ValueError, RuntimeError) as err:
         print(f"bench.py: error: {err}", file=sys.stderr)
         return 2
-    print(format_report(result))
+    print(format_report(result) if "encoder" in result else "\n".join(format_sweep(result["sweep"])))
     if args.out:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)

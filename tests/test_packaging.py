@@ -47,6 +47,20 @@ def test_wheel_ships_configs_and_installed_package_finds_them(tmp_path):
     assert job.returncode == 0, job.stderr[-2000:]
     assert "name: kk_sim" in job.stdout and "layout: synthetic" in job.stdout
 
+    # the fused launcher is a Hydra plugin in the hydra_plugins namespace package, found from the installed wheel
+    assert "hydra_plugins/naclip_fused/fused_launcher.py" in names and "hydra_plugins/__init__.py" not in names
+    launcher = subprocess.run(
+        [sys.executable, "-m", "naclip.run", "--cfg", "hydra", "-p", "hydra.launcher", "hydra/launcher=fused"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, check=False,
+    )
+    assert launcher.returncode == 0, launcher.stderr[-2000:]
+    assert "_target_: hydra_plugins.naclip_fused.fused_launcher.FusedLauncher" in launcher.stdout
+    found = subprocess.run(
+        [sys.executable, "-c", "import hydra_plugins.naclip_fused.fused_launcher as m; print(m.__file__)"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, check=True,
+    ).stdout.strip()
+    assert found.startswith(str(site))
+
 
 def test_readme_python_example_runs(monkeypatch, tmp_path):
     """The README's API example, with random weights instead of the (unavailable here) OpenAI ones."""

@@ -1,0 +1,1 @@
+"""naclip's Hydra plugins: ``hydra/launcher=fused`` (see :mod:`naclip.sweep`)."""

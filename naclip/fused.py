@@ -1,0 +1,122 @@
+"""Several segmenter configurations over one shared encoder trunk: a whole sweep from one pass over the images.
+
+Every attention, architecture, σ, refinement, threshold and temperature variant of one backbone runs the same
+embedding and blocks 1..L-1 on the same crops; only the last block, the head and the post-processing differ.
+:class:`FusedSegmenter` runs the shared part once per chunk of crops and every variant's own part on it.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from naclip.encoder import check_images
+from naclip.segmenter import LogitsAccumulator, Segmenter
+
+# What every variant must share for one trunk pass to serve them all (besides the model itself).
+_SHARED = ("slide_crop", "slide_stride", "crop_batch_size")
+
+
+class FusedSegmenter(nn.Module):
+    """Variants of :class:`naclip.Segmenter` over one CLIP model, evaluated from one trunk pass per chunk.
+
+    Each variant's predictions equal its own ``predict_list`` to the last bit: the crops, their chunking
+    and every kernel are the same; only blocks 1..L-1 are run once instead of once per variant.
+
+    Args:
+        variants: segmenters built on the same model, with the same slide_crop, slide_stride and
+            crop_batch_size (they may differ in attention, arch, sigma, PAMR, logit_scale, prob_thd, classes).
+
+    Raises:
+        ValueError: no variants, variants on different models, or different cropping.
+
+    Example:
+        >>> model = load_clip("ViT-B-16", "openai")
+        >>> fused = FusedSegmenter.create(model, ["sky", "tree"], [{"sigma": s} for s in (1, 3, 5)])
+        >>> labels = fused.predict_list([image])  # labels[v][i]: variant v, image i, (H, W) int64
+    """
+
+    def __init__(self, variants: Sequence[Segmenter]) -> None:
+        super().__init__()
+        if not variants:
+            raise ValueError("FusedSegmenter needs at least one variant")
+        first = variants[0]
+        for i, seg in enumerate(variants):
+            if seg.encoder.visual is not first.encoder.visual:
+                raise ValueError(f"variant {i} uses another model than variant 0; variants must share one model")
+            for name in _SHARED:
+                if getattr(seg, name) != getattr(first, name):
+                    raise ValueError(
+                        f"variant {i} has {name}={getattr(seg, name)} but variant 0 has {getattr(first, name)}; "
+                        f"variants must share {', '.join(_SHARED)}"
+                    )
+        self.variants = nn.ModuleList(variants)
+
+    @classmethod
+    def create(
+        cls,
+        model: nn.Module,
+        class_names: Sequence[Sequence[str] | str],
+        variants: Sequence[Mapping[str, Any]],
+        cache_dir: str | os.PathLike | None = None,
+        **common: Any,
+    ) -> FusedSegmenter:
+        """One :class:`Segmenter` per entry of `variants` (keyword arguments on top of `common`), one model.
+
+        The text classifier is computed once: later variants read it from `cache_dir` (a temporary folder
+        when None), so a 10-value σ sweep does not run the text tower ten times.
+        """
+        if cache_dir is not None:
+            return cls([Segmenter(model, class_names, cache_dir=cache_dir, **{**common, **v}) for v in variants])
+        with tempfile.TemporaryDirectory(prefix="naclip-fused-") as tmp:
+            return cls([Segmenter(model, class_names, cache_dir=tmp, **{**common, **v}) for v in variants])
+
+    def __len__(self) -> int:
+        return len(self.variants)
+
+    @torch.no_grad()
+    def logits_list(self, images: Sequence[Tensor]) -> list[list[Tensor]]:
+        """Cosine logits: result[v][i] is variant v's (Q_v, H, W) logits of image i.
+
+        Each chunk's trunk output is dropped as soon as every variant has run its head on it, so memory
+        grows with the variants only by their own per-image logits.
+        """
+        first: Segmenter = self.variants[0]
+        for image in images:
+            check_images(image[None], first.encoder.patch_size)
+        crops, owners = first._crops(images)
+        accumulators = [LogitsAccumulator(images, owners, len(v.query_names)) for v in self.variants]
+        for chunk in first._chunks(crops):
+            x, grid = first._trunk(torch.stack([crops[i] for i in chunk]))
+            for variant, accumulator in zip(self.variants, accumulators, strict=True):
+                for i, lg in zip(chunk, variant._head(x, grid), strict=True):
+                    accumulator.add(i, lg)
+            del x
+        return [accumulator.result() for accumulator in accumulators]
+
+    @torch.no_grad()
+    def predict_list(
+        self, images: Sequence[Tensor], out_sizes: Sequence[tuple[int, int] | None] | None = None
+    ) -> list[list[Tensor]]:
+        """Label maps: result[v][i] is variant v's (H', W') int64 labels of image i (see Segmenter.predict_list)."""
+        out_sizes = list(out_sizes) if out_sizes is not None else [None] * len(images)
+        if len(out_sizes) != len(images):
+            raise ValueError(f"got {len(images)} images but {len(out_sizes)} output sizes")
+        logits = self.logits_list(images)
+        out = []
+        for v, variant in enumerate(self.variants):
+            out.append(variant._predict_from_logits(images, logits[v], out_sizes))
+            logits[v] = []  # this variant's full-size logits are no longer needed
+        return out
+
+    @torch.no_grad()
+    def predict(self, images: Tensor, out_size: tuple[int, int] | None = None) -> list[Tensor]:
+        """Label maps (B, H', W') int64 of each variant, in the order of the variants."""
+        check_images(images, self.variants[0].encoder.patch_size)
+        per_variant = self.predict_list(list(images), [out_size] * images.shape[0])
+        return [torch.stack(labels) for labels in per_variant]

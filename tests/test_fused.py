@@ -1,0 +1,299 @@
+"""Fused sweeps: one trunk pass serves many heads, bit for bit; the fused launcher behaves like the basic one."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import open_dict
+
+from naclip import FusedSegmenter, Segmenter, slide_windows
+from naclip import config as naclip_config
+
+CONF = Path(naclip_config.config_dir())
+NAMES = ["black background", "red circle", "green square", "blue triangle"]
+ONE_TEMPLATE = ("a photo of a {}.",)
+# prob_thd near the median best-class probability of random weights, so σ, attention and PAMR change the labels
+SMOKE = ["dataset=synthetic", "backbone=b32", "backbone.pretrained=null", "num_workers=0", "dataset.num_images=2",
+         "dataset.prob_thd=0.215"]
+TIMING = {"seconds_eval", "seconds_model_load", "seconds_text_classifier", "images_per_sec", "peak_memory_mb",
+          "finished_at"}
+VARIANTS = [
+    {"sigma": 2.0},
+    {"sigma": 6.0},
+    {"attention": "kk_sim"},
+    {"attention": "vanilla", "arch": "vanilla"},
+    {"pamr": True},
+    {"prob_thd": 0.333, "logit_scale": 30.0},
+]
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    """One text-classifier cache for the module: every job and subprocess builds the classifier once."""
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(autouse=True)
+def _isolated(tmp_path, monkeypatch, cache):
+    monkeypatch.setenv("NACLIP_OUTPUT", str(tmp_path / "outputs"))
+    monkeypatch.setenv("NACLIP_CACHE", str(cache))
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    yield
+    GlobalHydra.instance().clear()
+
+
+def images() -> list[torch.Tensor]:
+    torch.manual_seed(1)
+    return [torch.randn(3, 96, 128), torch.randn(3, 64, 96)]
+
+
+@pytest.mark.parametrize("slide_crop", [64, 0], ids=["slide", "whole"])
+def test_fused_segmenter_equals_each_variant_alone_bit_for_bit(b32, cache, slide_crop):
+    fused = FusedSegmenter.create(b32, NAMES, VARIANTS, cache_dir=cache, templates=ONE_TEMPLATE,
+                                  slide_crop=slide_crop, slide_stride=32, crop_batch_size=3)
+    ims = images()
+    logits, labels = fused.logits_list(ims), fused.predict_list(ims, [(48, 64), None])
+    assert len(logits) == len(labels) == len(VARIANTS)
+    for v, kwargs in enumerate(VARIANTS):
+        alone = Segmenter(b32, NAMES, templates=ONE_TEMPLATE, slide_crop=slide_crop, slide_stride=32,
+                          crop_batch_size=3, **kwargs)
+        for got, want in zip(logits[v], alone.logits_list(ims), strict=True):
+            assert torch.equal(got, want)
+        for got, want in zip(labels[v], alone.predict_list(ims, [(48, 64), None]), strict=True):
+            assert torch.equal(got, want)
+    assert not torch.equal(logits[0][0], logits[1][0])  # the variants do differ
+
+
+def test_fused_predict_stacks_each_variant(b32, cache):
+    fused = FusedSegmenter.create(b32, NAMES, VARIANTS[:2], cache_dir=cache, templates=ONE_TEMPLATE,
+                                  slide_crop=64, slide_stride=32)
+    batch = torch.randn(2, 3, 64, 96)
+    out = fused.predict(batch)
+    assert [tuple(o.shape) for o in out] == [(2, 64, 96)] * 2
+    assert torch.equal(out[1], fused.variants[1].predict(batch))
+
+
+def test_trunk_runs_once_per_chunk_for_all_variants(b32, cache):
+    """Blocks 1..L-1 run once per chunk of crops, whatever the number of variants; the last block once per variant."""
+    fused = FusedSegmenter.create(b32, NAMES, VARIANTS, cache_dir=cache, templates=ONE_TEMPLATE,
+                                  slide_crop=64, slide_stride=32, crop_batch_size=3)
+    blocks = b32.visual.transformer.resblocks
+    calls = {"first": 0, "last": 0}
+    hooks = [blocks[0].register_forward_hook(lambda *_: calls.__setitem__("first", calls["first"] + 1)),
+             blocks[-1].ln_1.register_forward_hook(lambda *_: calls.__setitem__("last", calls["last"] + 1))]
+    try:
+        fused.predict_list(images())
+    finally:
+        for hook in hooks:
+            hook.remove()
+    crops = len(slide_windows(96, 128, 64, 32)) + len(slide_windows(64, 96, 64, 32))  # all 64×64: one shape
+    assert crops == 6 + 2
+    chunks = math.ceil(crops / 3)
+    assert calls == {"first": chunks, "last": chunks * len(VARIANTS)}
+
+
+def test_variants_that_cannot_share_a_pass_are_rejected(b32, b16, cache):
+    common = {"templates": ONE_TEMPLATE, "cache_dir": cache}
+    with pytest.raises(ValueError, match="slide_crop"):
+        FusedSegmenter([Segmenter(b32, NAMES, slide_crop=64, **common), Segmenter(b32, NAMES, slide_crop=96, **common)])
+    with pytest.raises(ValueError, match="model"):
+        FusedSegmenter([Segmenter(b32, NAMES, **common), Segmenter(b16, NAMES, **common)])
+    with pytest.raises(ValueError, match="at least one"):
+        FusedSegmenter([])
+
+
+def compose_run(overrides: list[str], hydra_cfg: bool = False):
+    naclip_config.register()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose("config", overrides=overrides, return_hydra_config=hydra_cfg)
+
+
+def test_grouping_by_shared_work():
+    from naclip.sweep import group_jobs
+
+    jobs = [
+        ["attention.sigma=2"],  # 0
+        ["attention.sigma=7", "refine=pamr", "dataset.prob_thd=0.2", "dataset.logit_scale=50"],  # 1: head only
+        ["attention=kk_sim", "arch=vanilla", "logger=wandb", "force=true"],  # 2: head and bookkeeping
+        ["backbone=b16"],  # 3: another backbone
+        ["backbone.precision=bf16"],  # 4: another precision
+        ["dataset.short_side=128"],  # 5: another resize
+        ["dataset.slide_crop=96"],  # 6: other crops
+        ["max_images=1"],  # 7: other images
+        ["dataset=voc21"],  # 8: another dataset
+        ["crop_batch_size=2"],  # 9: another chunking
+        ["attention.sigma=3", "dataset.short_side=128"],  # 10: with 5
+    ]
+    cfgs = [compose_run([*SMOKE, *o]) for o in jobs]
+    assert group_jobs(cfgs) == [[0, 1, 2], [3], [4], [5, 10], [6], [7], [8], [9]]
+
+
+def run_alone(overrides: list[str], out_dir: Path) -> dict:
+    """The basic path: naclip.run.evaluate of one job with its Hydra config, as the Hydra app calls it."""
+    from naclip.run import evaluate
+
+    cfg = compose_run(overrides, hydra_cfg=True)
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        del cfg["hydra"]
+    return evaluate(cfg, out_dir)
+
+
+def test_group_evaluation_equals_each_job_alone(tmp_path):
+    from naclip.sweep import evaluate_group
+
+    sweep = [["attention.sigma=2"], ["attention.sigma=8"], ["attention=kk_sim", "arch=vanilla"], ["refine=pamr"]]
+    alone = [run_alone([*SMOKE, *o], tmp_path / str(i)) for i, o in enumerate(sweep)]
+    assert len({r["miou"] for r in alone}) > 1  # the jobs' numbers differ, so a mixed-up head would show
+    done = evaluate_group([compose_run([*SMOKE, *o]) for o in sweep])
+    for want, got in zip(alone, done.outcomes, strict=True):
+        assert got.error is None
+        assert got.scores["miou"] == want["miou"]
+        assert got.scores["pixel_acc"] == want["pixel_acc"]
+        assert got.scores["per_class_list"] == list(want["per_class_iou"].values())
+        assert got.scores["num_images"] == want["num_images"] == 2
+
+
+def test_a_job_whose_segmenter_cannot_be_built_fails_alone(tmp_path):
+    from naclip.sweep import evaluate_group
+
+    cfgs = [compose_run([*SMOKE, "attention.sigma=2"]), compose_run([*SMOKE, "refine=pamr", "refine.dilations=[]"])]
+    want = run_alone([*SMOKE, "attention.sigma=2"], tmp_path / "a")
+    done = evaluate_group(cfgs)
+    assert done.outcomes[0].scores["miou"] == want["miou"]
+    assert isinstance(done.outcomes[1].error, ValueError) and done.outcomes[1].scores is None
+
+
+def cli(args: list[str], out: Path, cache: Path, **extra_env: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "NACLIP_OUTPUT": str(out), "NACLIP_CACHE": str(cache), "WANDB_MODE": "offline", **extra_env}
+    return subprocess.run([sys.executable, "-m", "naclip.run", "-m", *args], capture_output=True, text=True, env=env,
+                          timeout=600, check=False)
+
+
+def comparable(result: dict) -> dict:
+    """A result without its timing fields and output root (each launcher wrote under its own root)."""
+    out = {k: v for k, v in result.items() if k not in TIMING}
+    out["config"] = {k: v for k, v in result["config"].items() if k != "output_root"}
+    return out
+
+
+def results(out: Path) -> dict[str, dict]:
+    return {p.parent.name: json.loads(p.read_text()) for p in (out / "sweeps").rglob("result.json")}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "sweep",
+    [["attention.sigma=1,2,5,9"], ["attention=vanilla,kk_sim,n_only,full", "arch=vanilla,reduced"],
+     ["refine=none,pamr", "attention.sigma=3,5"]],
+    ids=["sigma", "attention-x-arch", "refine"],
+)
+def test_fused_launcher_writes_what_the_basic_launcher_writes(tmp_path, cache, sweep):
+    basic = cli([*SMOKE, *sweep], tmp_path / "basic", cache)
+    fused = cli([*SMOKE, *sweep, "hydra/launcher=fused"], tmp_path / "fused", cache)
+    assert basic.returncode == 0, basic.stderr[-3000:]
+    assert fused.returncode == 0, fused.stderr[-3000:]
+    want, got = results(tmp_path / "basic"), results(tmp_path / "fused")
+    jobs = math.prod(len(s.split("=", 1)[1].split(",")) for s in sweep)
+    assert len(want) == jobs and set(got) == set(want)
+    assert len({r["miou"] for r in want.values()}) > 1
+    assert "fused pass shared by" in fused.stderr + fused.stdout
+    for name, result in want.items():
+        assert comparable(got[name]) == comparable(result), name
+        folder = tmp_path / "fused" / "sweeps" / "default" / name
+        assert {p.name for p in (folder / ".hydra").iterdir()} == {"config.yaml", "hydra.yaml", "overrides.yaml"}
+        assert "result written" in (folder / "run.log").read_text()
+
+
+def error_lines(proc: subprocess.CompletedProcess) -> list[str]:
+    return [line for line in proc.stderr.splitlines() if line.startswith("naclip.run: error:")]
+
+
+@pytest.mark.slow
+def test_fused_launcher_failure_skip_and_force(tmp_path, cache):
+    out = tmp_path / "fused"
+    first = cli([*SMOKE, "attention.sigma=2,-1,6", "hydra/launcher=fused"], out, cache)
+    alone = cli([*SMOKE, "attention.sigma=-1"], tmp_path / "basic", cache)
+    assert (first.returncode, alone.returncode) == (1, 2)  # a sweep with a failed job; a single bad run
+    assert len(error_lines(alone)) == 1 and error_lines(alone)[0] in error_lines(first)
+    assert "sigma" in error_lines(alone)[0] and "Traceback" not in first.stderr
+    assert "sweep summary: 2 finished, 0 skipped, 1 failed" in first.stdout
+    done = results(out)
+    assert sorted(r["config"]["attention"]["sigma"] for r in done.values()) == [2.0, 6.0]
+    failed = [p for p in (out / "sweeps" / "default").iterdir() if "sigma=-1" in p.name]
+    assert len(failed) == 1 and not (failed[0] / "result.json").exists()
+    assert json.loads((failed[0] / "status.json").read_text())["status"] == "failed"
+
+    again = cli([*SMOKE, "attention.sigma=2,6", "hydra/launcher=fused"], out, cache)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout.count("skipped (finished result in") == 2
+    assert results(out) == done
+
+    forced = cli([*SMOKE, "attention.sigma=2,6", "force=true", "hydra/launcher=fused"], out, cache)
+    assert forced.returncode == 0, forced.stderr[-3000:]
+    redone = results(out)
+    assert set(redone) == set(done)
+    for name, result in redone.items():
+        assert result["miou"] == done[name]["miou"]
+        assert result["config"]["force"] is True
+
+
+@pytest.mark.slow
+def test_fused_launcher_runs_a_finished_jobs_partner_alone(tmp_path, cache):
+    out = tmp_path / "fused"
+    assert cli([*SMOKE, "attention.sigma=2"], out, cache).returncode == 0
+    proc = cli([*SMOKE, "attention.sigma=2,6", "hydra/launcher=fused"], out, cache)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("skipped (finished result in") == 1
+    assert "fused pass" not in proc.stderr + proc.stdout  # one job left to run: it runs alone
+    assert len(results(out)) == 2
+
+
+@pytest.mark.slow
+def test_fused_group_under_torchrun_matches_one_process(tmp_path, cache):
+    """Two ranks shard the fused group's images as they shard one job's; the numbers stay those of one process."""
+    sweep = [*SMOKE, "dataset.num_images=3", "attention.sigma=2,6", "refine=none,pamr"]
+    one = cli([*sweep, "hydra/launcher=fused"], tmp_path / "one", cache, OMP_NUM_THREADS="1")  # torchrun's setting
+    assert one.returncode == 0, one.stderr[-3000:]
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "NACLIP_OUTPUT": str(tmp_path / "two"), "NACLIP_CACHE": str(cache), "WANDB_MODE": "offline",
+           "OMP_NUM_THREADS": "1"}
+    two = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}", "-m",
+         "naclip.run", "-m", *sweep, "hydra/launcher=fused"],
+        capture_output=True, text=True, env=env, timeout=600, check=False,
+    )
+    assert two.returncode == 0, two.stderr[-3000:]
+    want, got = results(tmp_path / "one"), results(tmp_path / "two")
+    assert len(want) == 4 and set(got) == set(want)
+    for name, result in want.items():
+        assert got[name]["world_size"] == 2 and result["world_size"] == 1
+        assert got[name]["num_images"] == result["num_images"] == 3
+        assert (got[name]["miou"], got[name]["per_class_iou"]) == (result["miou"], result["per_class_iou"]), name
+
+
+@pytest.mark.slow
+def test_readme_fused_example_runs(cache):
+    """The README's FusedSegmenter example, with random weights instead of the (unavailable here) OpenAI ones."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = re.search(r"### Fused sweeps\n.*?```python\n(.*?)```", readme, re.S).group(1)
+    assert 'pretrained="openai"' in block
+    namespace: dict = {}
+    exec(block.replace('pretrained="openai"', "pretrained=None"), namespace)
+    labels = namespace["labels"]
+    assert len(labels) == 10 and all(lb.shape == (1, 224, 448) and lb.dtype == torch.int64 for lb in labels)

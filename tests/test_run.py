@@ -99,7 +99,7 @@ def test_protocol_values(dataset, prob_thd, slide_crop, short):
     [
         (["attention.sigma=abc"], "sigma"),
         (["attention.sigmaa=3"], "sigmaa"),
-        (["attention=qq"], "qq"),
+        (["attention=zz_unknown"], "zz_unknown"),
         (["batch_size=x"], "batch_size"),
     ],
 )

@@ -78,7 +78,7 @@ def test_experiment_presets_hold_sweeps(experiment):
 
 
 def test_expected_options_exist():
-    assert options("attention") == ["csa", "full", "kk_sim", "n_only", "qq", "vanilla", "value"]
+    assert options("attention") == ["csa", "full", "kk_sim", "n_only", "qq", "value", "vanilla"]
     assert options("arch") == ["reduced", "vanilla"]
     assert options("backbone") == ["b16", "b32", "l14"]
     assert set(options("dataset")) >= {
@@ -110,7 +110,7 @@ def test_protocol_values(dataset, prob_thd, slide_crop, short):
     [
         (["attention.sigma=abc"], "sigma"),
         (["attention.sigmaa=3"], "sigmaa"),
-        (["attention=qq"], "qq"),
+        (["attention=zz_unknown"], "zz_unknown"),
         (["batch_size=x"], "batch_size"),
     ],
 )

@@ -21,15 +21,26 @@ OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 class WeightsUnavailableError(RuntimeError):
-    """The requested pretrained weights are neither cached nor downloadable (e.g. no network)."""
+    """The requested pretrained weights are neither cached nor downloadable (e.g. no network).
 
+    Its message names the Hydra key (``backbone.pretrained``); entry points with another knob (the notebooks'
+    ``NACLIP_PRETRAINED``, ``naclip.figures --pretrained``) print :meth:`hint` with their own.
+    """
 
-def _offline_hint(name: str, tag: str, why: str) -> str:
-    return (
-        f"could not download CLIP weights {name}/{tag} ({why}); point backbone.pretrained at a local weights "
-        f"file (e.g. backbone.pretrained=/path/to/open_clip_model.safetensors) or use backbone.pretrained=null "
-        f"for a smoke run with random weights"
-    )
+    def __init__(self, model: str, tag: str, why: str) -> None:
+        self.model, self.tag, self.why = model, tag, why
+        super().__init__(self.hint())
+
+    def hint(self, setting: str = "backbone.pretrained={}", random: str = "null") -> str:
+        """The message with ``setting`` (a template for one value) as the way to choose other weights."""
+        return (
+            f"could not download CLIP weights {self.model}/{self.tag} ({self.why}); set "
+            f"{setting.format('/path/to/open_clip_model.safetensors')} (a local weights file) or "
+            f"{setting.format(random)} (random weights, a smoke run)"
+        )
+
+    def __reduce__(self) -> tuple[type, tuple[str, str, str]]:  # pickled by launchers (submitit)
+        return type(self), (self.model, self.tag, self.why)
 
 
 def _reachable(url: str, timeout: float = 3.0) -> str | None:
@@ -97,12 +108,12 @@ def resolve_pretrained(name: str, pretrained: str) -> tuple[str, bool]:
             return cached, quick_gelu
         endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
         if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false"):
-            raise WeightsUnavailableError(_offline_hint(name, pretrained, "HF_HUB_OFFLINE is set"))
+            raise WeightsUnavailableError(name, pretrained, "HF_HUB_OFFLINE is set")
         why = _reachable(endpoint)
     else:
         why = _reachable(cfg.get("url", ""))
     if why is not None:
-        raise WeightsUnavailableError(_offline_hint(name, pretrained, why))
+        raise WeightsUnavailableError(name, pretrained, why)
     return pretrained, quick_gelu
 
 
@@ -120,7 +131,7 @@ def load_clip(
         pretrained: None for random weights, an open_clip tag ("openai", "laion2b_s34b_b88k", ...) or a path
             to a local .safetensors/.bin/.pt/.pth file.
         device: where the model lives.
-        precision: "fp32", "fp16" or "bf16" (half precisions are for GPUs).
+        precision: "fp32", "fp16" or "bf16"; half precision runs on CPU and GPU (the authors evaluated in fp16).
         quick_gelu: force QuickGELU on/off; None decides from the weights (OpenAI weights need it).
 
     Returns:
@@ -149,7 +160,7 @@ def load_clip(
             pretrained_text=False,
         )
     except FileNotFoundError as err:
-        raise WeightsUnavailableError(_offline_hint(name, str(pretrained), str(err).splitlines()[0])) from err
+        raise WeightsUnavailableError(name, str(pretrained), str(err).splitlines()[0]) from err
     except Exception as err:  # a local file that is not a usable checkpoint of this architecture
         if source is None or not Path(source).is_file():
             raise

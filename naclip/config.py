@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import copy
+import difflib
+import logging
 import math
 import re
-from dataclasses import dataclass, field
+import time
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +18,24 @@ from omegaconf import MISSING, OmegaConf
 from naclip.attention import get_attention
 from naclip.clip import PRECISIONS
 from naclip.encoder import list_archs
+
+log = logging.getLogger(__name__)
+
+# Keys that change how a job runs or where it reports, never its numbers: they stay out of the job folder name
+# (conf/config.yaml hydra.job.config.override_dirname.exclude_keys lists the same keys) and out of the
+# skip check, so a finished result is reused whatever their values.
+RUNTIME_KEYS: tuple[str, ...] = (
+    "logger",
+    "num_workers",
+    "batch_size",
+    "crop_batch_size",
+    "backbone.device",
+    "log_every",
+    "force",
+    "text_cache_dir",
+    "output_root",
+    "experiment_name",
+)
 
 
 def config_dir() -> str:
@@ -76,6 +98,8 @@ class DatasetConfig:
     num_images: int | None = None
     image_size: list[int] | None = None
     seed: int = 0
+    background_index: int | None = None  # the class whose display name is "background" (its synonyms are prompts)
+    expected_images: int | None = None  # images the published protocol evaluates on this split
 
 
 @dataclass
@@ -133,21 +157,33 @@ class PredictConfig(MethodConfig):
 
 
 def build_segmenter(
-    cfg: Any, class_names: list[list[str]], protocol: Any, device: str, model: Any = None
+    cfg: Any,
+    class_names: list[list[str]],
+    protocol: Any,
+    device: str,
+    timings: dict[str, float] | None = None,
+    model: Any = None,
 ) -> tuple[Any, tuple, tuple]:
     """The model and segmenter a run or predict config describes: (segmenter on device, mean, std).
 
     `protocol` holds slide_crop, slide_stride, logit_scale and prob_thd (the dataset group, or predict's top level).
+    `timings`, when given, receives `seconds_model_load` and `seconds_text_classifier` (both steps take seconds
+    to minutes, so they are logged and reported apart from the evaluation time).
     `model`: the backbone already loaded (fused sweeps build many segmenters on one model); None loads it.
     """
     from naclip.clip import image_mean_std, load_clip
     from naclip.segmenter import Segmenter
 
     backbone = cfg.backbone
+    start = time.perf_counter()
     if model is None:
+        weights = "random weights" if backbone.pretrained is None else f"weights {backbone.pretrained}"
+        log.info("loading CLIP %s (%s, %s) on %s", backbone.model, weights, backbone.precision, device)
         model = load_clip(
             backbone.model, backbone.pretrained, device, backbone.precision, quick_gelu=backbone.quick_gelu
         )
+    loaded = time.perf_counter()
+    log.info("model loaded in %.1f s; building the text classifier for %d classes", loaded - start, len(class_names))
     segmenter = Segmenter(
         model,
         class_names,
@@ -164,7 +200,30 @@ def build_segmenter(
         crop_batch_size=cfg.crop_batch_size,
         cache_dir=cfg.text_cache_dir,
     ).to(device)
+    built = time.perf_counter()
+    log.info("text classifier ready in %.1f s", built - loaded)
+    if timings is not None:
+        timings.update(seconds_model_load=round(loaded - start, 3), seconds_text_classifier=round(built - loaded, 3))
     return segmenter, *image_mean_std(backbone.model, backbone.pretrained)
+
+
+def _drop_key(tree: dict[str, Any], dotted: str) -> None:
+    head, _, rest = dotted.partition(".")
+    if rest and isinstance(tree.get(head), dict):
+        _drop_key(tree[head], rest)
+    elif not rest:
+        tree.pop(head, None)
+
+
+def result_config(resolved: dict[str, Any]) -> dict[str, Any]:
+    """The part of a resolved run config that can change a result: the config without `RUNTIME_KEYS`.
+
+    Two jobs with equal result configs compute the same numbers, so the skip check compares only this part.
+    """
+    kept = copy.deepcopy(resolved)
+    for key in RUNTIME_KEYS:
+        _drop_key(kept, key)
+    return kept
 
 
 def _dirname(overrides: str) -> str:
@@ -181,8 +240,22 @@ def register() -> None:
         OmegaConf.register_new_resolver("naclip.dirname", _dirname)
 
 
+def _check_known_keys(cfg: Any) -> None:
+    """Top-level keys added with `+key=...` that the schema does not know are typos, not settings."""
+    schema = OmegaConf.get_type(cfg)
+    if schema not in (RunConfig, PredictConfig):
+        return
+    known = [f.name for f in fields(schema)]
+    unknown = [key for key in cfg if key not in known]
+    if unknown:
+        close = difflib.get_close_matches(str(unknown[0]), known, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(known)}"
+        raise ValueError(f"unknown config key {unknown[0]!r}{hint}")
+
+
 def validate(cfg: Any) -> None:
     """Checks the schema cannot express; raises ValueError with one line naming the bad value."""
+    _check_known_keys(cfg)
     get_attention(cfg.attention.name)
     if cfg.arch.name not in list_archs():
         raise ValueError(f"unknown arch {cfg.arch.name!r}; valid choices: {list_archs()}")

@@ -69,7 +69,7 @@ class DenseEncoder(nn.Module):
         self.visual = visual
         self.patch_size: tuple[int, int] = tuple(visual.conv1.kernel_size)  # type: ignore[assignment]
         self.num_heads: int = visual.transformer.resblocks[-1].attn.num_heads
-        self._pos_cache: dict[tuple[int, int, torch.dtype, torch.device], Tensor] = {}
+        self._pos_cache: dict[tuple[int, int, bool, torch.dtype, torch.device], Tensor] = {}
 
     @property
     def attention(self) -> str:
@@ -82,31 +82,47 @@ class DenseEncoder(nn.Module):
     def extra_repr(self) -> str:
         return f"attention={self.attention}, arch={self.arch}, sigma={self.sigma}, patch={self.patch_size}"
 
-    def position_embedding(self, grid: tuple[int, int]) -> Tensor:
-        """Position embeddings (1 + rows·cols, C), bicubically resized to exactly `grid` (no antialiasing)."""
+    def position_embedding(self, grid: tuple[int, int], square: bool = True) -> Tensor:
+        """Position embeddings (1 + rows·cols, C) for a patch grid, resized as the published code does.
+
+        NACLIP (like SCLIP and ClearCLIP, after DINO) keeps the pretrained embeddings when the grid has as many
+        cells as the pretraining grid (g0, g0) and the input image is square. Otherwise it resizes the (g0, g0)
+        patch embeddings bicubically by the factors ((rows + 0.1) / g0, (cols + 0.1) / g0): the output has
+        rows × cols cells, but its samples sit where that factor puts them, not where an exact resize to
+        (rows, cols) would. The class token's embedding is kept. Matching this keeps logits equal to the
+        authors' evaluation; one result is cached per (grid, square, dtype, device).
+
+        Args:
+            grid: (rows, cols) of the patch grid.
+            square: whether the image fed to the encoder is square (height == width in pixels).
+        """
         pos = self.visual.positional_embedding
-        key = (grid[0], grid[1], pos.dtype, pos.device)
+        key = (grid[0], grid[1], square, pos.dtype, pos.device)
         if key not in self._pos_cache:
             base = tuple(self.visual.grid_size)
-            if tuple(grid) == base:
+            if grid[0] * grid[1] == base[0] * base[1] and square:
                 self._pos_cache[key] = pos
             else:
                 cls_pos, patch_pos = pos[:1], pos[1:]
                 patch_pos = patch_pos.reshape(1, base[0], base[1], -1).permute(0, 3, 1, 2).float()
-                patch_pos = F.interpolate(patch_pos, size=grid, mode="bicubic", align_corners=False)
+                scale = ((grid[0] + 0.1) / base[0], (grid[1] + 0.1) / base[1])
+                patch_pos = F.interpolate(
+                    patch_pos, scale_factor=scale, mode="bicubic", align_corners=False, recompute_scale_factor=False
+                )  # (1, C, rows, cols): floor(g0 · (n + 0.1) / g0) = n cells per axis
                 patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(grid[0] * grid[1], -1).to(pos.dtype)
                 self._pos_cache[key] = torch.cat([cls_pos, patch_pos])
         return self._pos_cache[key]
 
     def embed(self, images: Tensor) -> tuple[Tensor, tuple[int, int]]:
-        """Patch + class token embedding with resized positions and the pre-norm: (B, 1+N, C)."""
+        """Patch + class token embedding with (resized) positions and the pre-norm: (B, 1+N, C)."""
         check_images(images, self.patch_size)
         visual = self.visual
         x = visual.conv1(images.to(self.dtype))  # (B, C, rows, cols)
         grid = (x.shape[-2], x.shape[-1])
         x = x.flatten(2).transpose(1, 2)  # (B, N, C)
         cls = visual.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
-        x = torch.cat([cls, x], dim=1) + self.position_embedding(grid).to(x.dtype)  # (B, 1+N, C)
+        pos = self.position_embedding(grid, square=images.shape[-2] == images.shape[-1])
+        x = torch.cat([cls, x], dim=1) + pos.to(x.dtype)  # (B, 1+N, C)
         return visual.ln_pre(visual.patch_dropout(x)), grid
 
     def trunk(self, x: Tensor) -> Tensor:

@@ -117,7 +117,7 @@ def run(cfg: DictConfig, out_dir: Path) -> list[Path]:
         with torch.no_grad():
             labels = segmenter.predict_list([x], [tuple(pixels.shape[-2:])])[0].cpu()  # (H, W)
         blended = overlay(pixels, labels, display, alpha=cfg.alpha)
-        label_path = palette_png(labels, out_dir / f"{stem}_labels.png")
+        label_path = palette_png(labels, out_dir / f"{stem}_labels.png", display)
         overlay_path = out_dir / f"{stem}_overlay.png"
         Image.fromarray(blended).save(overlay_path)
         for written_path in (label_path, overlay_path):

@@ -13,7 +13,7 @@ from PIL import Image
 from torch import Tensor
 
 from naclip.clip import image_mean_std, load_clip
-from naclip.data.transforms import resize_image
+from naclip.data.transforms import read_rgb, resize_image
 from naclip.segmenter import Segmenter
 
 
@@ -33,23 +33,29 @@ def normalize_images(images: Tensor, mean: Sequence[float], std: Sequence[float]
 def prepare_image(
     pixels: Tensor, mean: Sequence[float], std: Sequence[float], device: str, short_side: int, max_long_side: int
 ) -> Tensor:
-    """uint8 (3, H, W) → normalized (3, h, w) on `device`, resized by the benchmark protocol (short_side 0 = as is)."""
+    """uint8 (3, H, W) → normalized (3, h, w) on `device`, resized by the benchmark protocol (short_side 0 = as is).
+
+    The resize is :func:`naclip.data.transforms.resize_image` (mmcv keep-ratio size, ``cv2.INTER_LINEAR``).
+    """
     if short_side > 0:
         pixels = resize_image(pixels, short_side, max_long_side)
     return normalize_images(pixels.to(device), mean, std)
 
 
 def read_image(image: str | os.PathLike | Image.Image | np.ndarray | Tensor) -> Tensor:
-    """A path, PIL image, HWC uint8 array or CHW uint8 tensor → uint8 tensor (3, H, W)."""
+    """A path, PIL image, HWC uint8 array or CHW uint8 tensor → uint8 tensor (3, H, W).
+
+    Files are decoded by :func:`naclip.data.transforms.read_rgb` (OpenCV, EXIF orientation applied), so the
+    pixels, and the label maps made from them, are in the orientation the user sees.
+
+    Raises:
+        ValueError: one line naming the file: missing, unreadable, not an image, or a decompression bomb.
+    """
     if isinstance(image, str | os.PathLike):
         path = Path(image)
         if not path.is_file():
             raise ValueError(f"image {str(path)!r} does not exist")
-        try:
-            with Image.open(path) as im:
-                image = im.convert("RGB")
-        except OSError as err:
-            raise ValueError(f"cannot read image {str(path)!r}: {err}") from err
+        image = read_rgb(path)  # (H, W, 3)
     if isinstance(image, Image.Image):
         image = np.array(image.convert("RGB"))
     if isinstance(image, np.ndarray):
@@ -88,9 +94,7 @@ class Predictor:
 
     def preprocess(self, image: Any) -> Tensor:
         """Raw image → normalized (3, h, w) on the device, resized by the protocol (short_side 0 = as is)."""
-        return prepare_image(
-            read_image(image), self.mean, self.std, self.device, self.short_side, self.max_long_side
-        )
+        return prepare_image(read_image(image), self.mean, self.std, self.device, self.short_side, self.max_long_side)
 
     @torch.no_grad()
     def __call__(self, image: Any) -> Tensor:

@@ -8,7 +8,7 @@ import os
 import subprocess
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
@@ -76,6 +76,67 @@ def read_finished_result(folder: Path) -> dict[str, Any] | None:
     return result if isinstance(result, dict) and "miou" in result and "config" in result else None
 
 
+RANDOM_WEIGHTS = "random-weights"
+PARTIAL = "partial"
+# Method choices a W&B run is tagged with ("attention:full", ...), so dashboards filter by them.
+TAGGED_CHOICES: tuple[str, ...] = ("attention", "arch", "backbone", "dataset", "refine")
+
+
+def provenance(config: Mapping[str, Any], dataset_images: int, num_skipped: int) -> dict[str, Any]:
+    """What a result's numbers stand for: real or random weights, the whole protocol split or only part of it.
+
+    Args:
+        config: the resolved run config (``backbone.pretrained``, ``max_images``, ``dataset.expected_images``).
+        dataset_images: images the dataset split holds on disk.
+        num_skipped: samples left out because they could not be read (``on_error=skip``).
+
+    Returns:
+        ``random_weights``, ``partial`` and ``partial_reasons`` (one short phrase per reason), with the counts
+        they come from.
+    """
+    expected = (config.get("dataset") or {}).get("expected_images")
+    max_images = config.get("max_images")
+    reasons = []
+    if max_images is not None and max_images < dataset_images:
+        reasons.append(f"max_images={max_images} of {dataset_images} images")
+    if num_skipped:
+        reasons.append(f"{num_skipped} unreadable samples skipped")
+    if expected is not None and dataset_images != expected:
+        reasons.append(f"split holds {dataset_images} images, the protocol {expected}")
+    return {
+        "random_weights": (config.get("backbone") or {}).get("pretrained") is None,
+        "partial": bool(reasons),
+        "partial_reasons": reasons,
+        "dataset_images": dataset_images,
+        "expected_images": expected,
+        "max_images": max_images,
+        "num_skipped": num_skipped,
+    }
+
+
+def caveats(result: Mapping[str, Any]) -> list[str]:
+    """``random-weights`` and/or ``partial`` for a result that is not a full measurement with real weights.
+
+    Reads the result's ``provenance``; results written before it existed are judged from their config.
+    """
+    facts = result.get("provenance")
+    if not isinstance(facts, Mapping):
+        config = result.get("config") or {}
+        backbone = config.get("backbone") or {}
+        facts = {
+            "random_weights": "pretrained" in backbone and backbone["pretrained"] is None,
+            "partial": config.get("max_images") is not None or bool(result.get("skipped")),
+        }
+    return [tag for tag, flag in ((RANDOM_WEIGHTS, facts.get("random_weights")), (PARTIAL, facts.get("partial")))
+            if flag]
+
+
+def run_tags(result: Mapping[str, Any]) -> list[str]:
+    """W&B tags of a result: its caveats and its method choices (``attention:full``, ``dataset:voc21``, ...)."""
+    choices = result.get("choices") or {}
+    return [*caveats(result), *(f"{key}:{choices[key]}" for key in TAGGED_CHOICES if key in choices)]
+
+
 class Sink(Protocol):
     def log_samples(self, samples: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray, str]]) -> None: ...
     def write(self, result: dict[str, Any]) -> None: ...
@@ -99,6 +160,12 @@ class LocalSink:
         return None
 
 
+SUMMARY_KEYS: tuple[str, ...] = (
+    "miou", "pixel_acc", "num_images", "seconds_eval", "seconds_model_load", "seconds_text_classifier",
+    "images_per_sec", "peak_memory_mb", "finished_at", "provenance",
+)
+
+
 class WandbSink:
     """One W&B run per job. Offline unless W&B was configured online; falls back to offline on failure."""
 
@@ -119,7 +186,8 @@ class WandbSink:
         self._wandb = wandb
         self.class_names = class_names
         mode = mode or os.environ.get("WANDB_MODE") or ("online" if _wandb_configured_online() else "offline")
-        kwargs = dict(project=project, entity=entity, group=group, name=name, config=config, dir=str(folder))
+        tags = run_tags(config)
+        kwargs = dict(project=project, entity=entity, group=group, name=name, config=config, dir=str(folder), tags=tags)
         try:
             self.run = wandb.init(mode=mode, settings=wandb.Settings(init_timeout=init_timeout), **kwargs)
         except Exception as err:  # network, auth, server: never lose the local result over W&B
@@ -143,10 +211,10 @@ class WandbSink:
         per_class = result.get("per_class_iou", {})
         table = self._wandb.Table(columns=["class", "iou"], data=[[k, v] for k, v in per_class.items()])
         self.run.log({"per_class_iou": table})
-        summary = {k: result[k] for k in ("miou", "pixel_acc", "num_images", "seconds", "images_per_sec",
-                                          "peak_memory_mb", "finished_at") if k in result}
+        summary = {k: result[k] for k in SUMMARY_KEYS if k in result}
         summary.update({f"iou/{k}": v for k, v in per_class.items()})
         self.run.summary.update(summary)
+        self.run.tags = tuple(run_tags(result))  # the final caveats (skipped samples are known only now)
 
     def close(self) -> None:
         self.run.finish()

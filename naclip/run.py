@@ -22,6 +22,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
@@ -36,6 +37,7 @@ from naclip.results import (
     WandbSink,
     git_commit,
     package_versions,
+    provenance,
     read_finished_result,
     utc_now,
 )
@@ -96,33 +98,74 @@ def _batches(loader: Any, on_error: str, skipped: list[dict[str, str]]) -> Itera
             yield {k: [v[i] for i in keep] for k, v in batch.items()}
 
 
+def _refuse_preset_without_multirun() -> None:
+    """Experiment presets are sweeps: run without -m, Hydra would run one unrelated default job instead."""
+    hydra_cfg = HydraConfig.get()
+    preset = hydra_cfg.runtime.choices.get("experiment")
+    if preset is not None and hydra_cfg.mode == RunMode.RUN:
+        raise ValueError(f"+experiment={preset} is a sweep; add -m: python -m naclip.run -m +experiment={preset}")
+
+
+def _wandb_sink(cfg: DictConfig, out_dir: Path, resolved: dict[str, Any], class_names: list[str]) -> WandbSink:
+    return WandbSink(
+        out_dir,
+        project=cfg.logger.project,
+        group=cfg.experiment_name,
+        name=out_dir.name,
+        config={"choices": _choices(), "config": resolved, "overrides": _overrides()},
+        class_names=class_names,
+        entity=cfg.logger.entity,
+        mode=cfg.logger.mode,
+        init_timeout=cfg.logger.init_timeout,
+    )
+
+
+def _reuse(cfg: DictConfig, out_dir: Path, previous: dict[str, Any], resolved: dict[str, Any]) -> dict[str, Any]:
+    """A finished result of the same result config: print it, and still log it when this job logs to W&B."""
+    log.info("skipping: %s already holds a finished result for this config (force=true re-runs)", out_dir)
+    if cfg.logger.name == "wandb" and int(os.environ.get("RANK", "0")) == 0:
+        sink = _wandb_sink(cfg, out_dir, resolved, list(previous.get("per_class_iou", {})))
+        try:
+            sink.write(previous)
+        finally:
+            sink.close()
+    print(f"skipped (finished result in {out_dir}): mIoU {previous['miou']:.2f}")
+    return previous
+
+
 KNOWN_ERRORS = (DatasetError, WeightsUnavailableError, ValueError)
 Predict = Callable[[list[torch.Tensor], list[tuple[int, int]]], list[list[torch.Tensor]]]
 
 
 def evaluate(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     """Evaluate one configuration; returns the result dict (also written by the sinks on rank 0)."""
+    _refuse_preset_without_multirun()
     config.validate(cfg)
     previous = finished_result(cfg, out_dir)
     if previous is not None:
-        log.info("skipping: %s already holds a finished result for this config (force=true re-runs)", out_dir)
-        print(f"skipped (finished result in {out_dir}): mIoU {previous['miou']:.2f}")
-        return previous
+        return _reuse(cfg, out_dir, previous, OmegaConf.to_container(cfg, resolve=True))
 
     device, rank, world = setup_device(cfg)
     dataset, shard = load_shard(cfg, rank, world)  # fails on a missing root before any model loads
-    segmenter, mean, std = config.build_segmenter(cfg, dataset.class_names, cfg.dataset, device)
+    timings: dict[str, float] = {}
+    segmenter, mean, std = config.build_segmenter(cfg, dataset.class_names, cfg.dataset, device, timings)
     metric = IoUMetric(dataset.num_classes, ignore_index=dataset.ignore_index, device=device)
     samples: list[Sample] = []
     run = run_pass(cfg, shard, lambda images, sizes: [segmenter.predict_list(images, sizes)], [metric], [samples],
                    mean, std, device, rank)
-    return write_result(cfg, out_dir, job_scores(metric, run, device), samples, dataset.class_names, rank, world)
+    scores = {**job_scores(metric, run, device), **timings}
+    return write_result(cfg, out_dir, scores, samples, dataset, rank, world)
 
 
 def finished_result(cfg: DictConfig, out_dir: Path) -> dict[str, Any] | None:
-    """The finished result `out_dir` holds for exactly this config, which a re-run skips (None: run it)."""
+    """The finished result `out_dir` holds for this result config, which a re-run reuses (None: run it)."""
     previous = read_finished_result(out_dir)
-    if previous is not None and not cfg.force and previous.get("config") == OmegaConf.to_container(cfg, resolve=True):
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    if (
+        previous is not None
+        and not cfg.force
+        and config.result_config(previous["config"]) == config.result_config(resolved)
+    ):
         return previous
     return None
 
@@ -144,55 +187,35 @@ def load_shard(cfg: DictConfig, rank: int, world: int) -> tuple[Any, torch.utils
     return dataset, torch.utils.data.Subset(dataset, shard_indices(count, rank, world))
 
 
-def open_sinks(cfg: DictConfig, out_dir: Path, class_names: list[list[str]], rank: int) -> list[Sink]:
-    """The job's result sinks (rank 0 only): result.json, and W&B when logger=wandb."""
-    if rank != 0:
-        return []
-    sinks: list[Sink] = [LocalSink(out_dir)]
-    if cfg.logger.name == "wandb":
-        sinks.append(
-            WandbSink(
-                out_dir,
-                project=cfg.logger.project,
-                group=cfg.experiment_name,
-                name=out_dir.name,
-                config={"choices": _choices(), "config": OmegaConf.to_container(cfg, resolve=True),
-                        "overrides": _overrides()},
-                class_names=[names[0] for names in class_names],
-                entity=cfg.logger.entity,
-                mode=cfg.logger.mode,
-                init_timeout=cfg.logger.init_timeout,
-            )
-        )
-    return sinks
-
-
 def write_result(
-    cfg: DictConfig,
-    out_dir: Path,
-    scores: dict[str, Any],
-    samples: list[Sample],
-    class_names: list[list[str]],
-    rank: int,
-    world: int,
+    cfg: DictConfig, out_dir: Path, scores: dict[str, Any], samples: list[Sample], dataset: Any, rank: int, world: int
 ) -> dict[str, Any]:
-    """A finished job's result with its provenance, handed to its sinks (always closed) and reported on rank 0."""
-    sinks = open_sinks(cfg, out_dir, class_names, rank)
+    """A finished job's result with its provenance, handed to its sinks (always closed) and reported on rank 0.
+
+    `scores`: job_scores' dict plus the job's timings (seconds_model_load, seconds_text_classifier).
+    """
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    sinks: list[Sink] = []
+    if rank == 0:
+        sinks.append(LocalSink(out_dir))
+        if cfg.logger.name == "wandb":
+            sinks.append(_wandb_sink(cfg, out_dir, resolved, dataset.display_names))
     try:
         for sink in sinks:
             sink.log_samples(samples)
         result = dict(scores)
         result.update(
+            provenance=provenance(resolved, len(dataset), len(result["skipped"])),
             choices=_choices(),
             overrides=_overrides(),
-            config=OmegaConf.to_container(cfg, resolve=True),
+            config=resolved,
             versions=package_versions(),
             git_commit=git_commit(),
             world_size=world,
             finished_at=utc_now(),
         )
         per_class = result.pop("per_class_list")
-        result["per_class_iou"] = {names[0]: iou for names, iou in zip(class_names, per_class, strict=True)}
+        result["per_class_iou"] = dict(zip(dataset.display_names, per_class, strict=True))
         for sink in sinks:
             sink.write(result)
     finally:
@@ -245,9 +268,11 @@ def run_pass(
                 if len(job_samples) < cfg.logger.log_images:
                     pixels = image.permute(1, 2, 0).numpy()
                     job_samples.append((pixels, _resize_nearest(pred, image), _resize_nearest(label, image), name))
+        first = seen == 0
         seen += len(labels)
         bar.update(len(labels))
-        if rank == 0 and cfg.log_every and (seen // cfg.log_every) > ((seen - len(labels)) // cfg.log_every):
+        crossed = cfg.log_every and (seen // cfg.log_every) > ((seen - len(labels)) // cfg.log_every)
+        if rank == 0 and (first or crossed):  # the first batch shows at once that the job runs and how fast
             elapsed = time.perf_counter() - start
             rate = seen / elapsed
             log.info(
@@ -261,14 +286,14 @@ def run_pass(
 def job_scores(metric: IoUMetric, run: PassStats, device: str) -> dict[str, Any]:
     """One job's scores after a pass (collective under torch.distributed: call in the same order on every rank)."""
     scores = metric.compute()  # collective under torch.distributed: sums the confusion matrices
-    seconds = _across_ranks(run.seconds, "max")
+    seconds = _across_ranks(run.seconds, "max")  # the evaluation loop only
     total = int(_across_ranks(run.seen))
     return {
         "miou": scores["miou"],
         "per_class_list": scores["per_class_iou"],
         "pixel_acc": scores["pixel_acc"],
         "num_images": total,
-        "seconds": round(seconds, 3),
+        "seconds_eval": round(seconds, 3),
         "images_per_sec": round(total / seconds, 4) if seconds > 0 else None,
         "peak_memory_mb": round(_across_ranks(peak_memory_mb(device), "max"), 1),
         "skipped": _gather_skipped(run.skipped),
@@ -307,6 +332,10 @@ def _report(result: dict[str, Any]) -> str:
         f"mIoU {result['miou']:.2f}  pixel acc {result['pixel_acc']:.2f}  images {result['num_images']}  "
         f"{result['images_per_sec']} img/s",
     ]
+    caveats = [*(["random weights"] if result["provenance"]["random_weights"] else []),
+               *result["provenance"]["partial_reasons"]]
+    if caveats:
+        lines.append(f"not a full measurement: {'; '.join(caveats)}")
     return "\n".join(lines)
 
 

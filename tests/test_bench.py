@@ -61,12 +61,12 @@ def test_quick_profile_and_explicit_values(bench):
     assert (args.models, args.repeats, args.memory_model) == (["ViT-B-32"], 2, "ViT-B-32")
     args = bench.parse_args(["--models", "ViT-B-16", "--repeats", "3"])
     assert (args.models, args.repeats, args.memory_model) == (["ViT-B-16"], 3, "ViT-L-14")
+    assert bench.parse_args(["--precision", "fp16"]).precision == "fp16"  # half precision runs on the CPU too
 
 
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["--precision", "fp16"], "--precision fp16 is for GPUs"),
         (["--models", "ViT-Q-99"], "unknown open_clip model 'ViT-Q-99'"),
         (["--repeats", "0"], "must be >= 1"),
     ],
@@ -91,7 +91,9 @@ def test_quick_run_writes_complete_json(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "Encoder: NACLIP DenseEncoder vs open_clip" in proc.stdout
     result = json.loads(out.read_text())
-    assert {"device", "torch", "threads", "encoder", "batching", "prior", "text", "memory"} <= set(result)
+    assert {"device", "torch", "threads", "encoder", "batching", "prior", "text", "memory", "data"} <= set(result)
+    assert result["data"]["opencv_ms"] > 0 and result["data"]["pil_torch_ms"] > 0
+    assert result["data"]["resized_size"][0] == 336
     assert result["threads"] >= 1
 
     combos = {(r["model"], r["attention"], r["arch"]) for r in result["encoder"]}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
+import cv2
 import datasets
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 from torch.utils.data import DataLoader
 
+from naclip.config import DatasetConfig
 from naclip.data import (
     DatasetError,
     build_dataset,
@@ -28,15 +30,16 @@ CONF = Path(__file__).resolve().parents[1] / "conf" / "dataset"
 CONFIG_KEYS = {
     "name", "layout", "root", "split", "class_names", "ignore_index", "reduce_zero_label", "short_side",
     "max_long_side", "slide_crop", "slide_stride", "prob_thd", "logit_scale", "hf_path", "hf_name",
-    "data_files", "image_column", "label_column", "num_images", "image_size", "seed",
+    "data_files", "image_column", "label_column", "num_images", "image_size", "seed", "background_index",
+    "expected_images",
 }  # fmt: skip
 # Two samples per folder: one landscape, one portrait, so resizing is checked both ways.
 SIZES = [(24, 32), (30, 20)]
 
 
 def load_cfg(name: str, **overrides: object) -> dict:
-    """The real YAML, patched and resolved the way the runner hands it to build_dataset."""
-    cfg = OmegaConf.load(CONF / f"{name}.yaml")
+    """The real YAML over the schema's defaults, patched and resolved the way the runner hands it to build_dataset."""
+    cfg = OmegaConf.merge(OmegaConf.structured(DatasetConfig), OmegaConf.load(CONF / f"{name}.yaml"))
     for key, value in overrides.items():
         cfg[key] = value
     return OmegaConf.to_container(cfg, resolve=True)
@@ -116,6 +119,13 @@ def expected_size(height: int, width: int, short_side: int, max_long_side: int) 
     return int(np.floor(height * scale + 0.5)), int(np.floor(width * scale + 0.5))
 
 
+def opencv_pipeline(path: Path, cfg: dict) -> np.ndarray:
+    """The published image pipeline: cv2.imdecode(IMREAD_COLOR) → RGB → cv2 INTER_LINEAR at mmcv's size."""
+    rgb = cv2.cvtColor(cv2.imdecode(np.fromfile(path, np.uint8), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+    h, w = expected_size(*rgb.shape[:2], cfg["short_side"], cfg["max_long_side"])
+    return cv2.resize(rgb, (w, h), interpolation=cv2.INTER_LINEAR)  # (h, w, 3)
+
+
 def expected_label(raw: np.ndarray, reduce: bool) -> np.ndarray:
     if not reduce:
         return raw
@@ -131,6 +141,10 @@ def test_every_yaml_has_all_keys_and_valid_layout():
     for file in files:
         cfg = load_cfg(file.stem)
         assert set(cfg) == CONFIG_KEYS, file.name
+        written = OmegaConf.load(file)  # only what differs from the schema's defaults (besides the name)
+        defaults = OmegaConf.structured(DatasetConfig)
+        repeated = [k for k in written if k != "name" and k in defaults and written[k] == defaults[k]]
+        assert not repeated, (file.name, repeated)
         assert cfg["name"] == file.stem
         assert cfg["layout"] in list_layouts()
         assert load_class_names(cfg["class_names"])
@@ -216,8 +230,7 @@ def test_local_layout(tmp_path, dataset):
         h, w = raw.shape
         assert sample["image"].dtype == torch.uint8
         assert sample["image"].shape == (3, *expected_size(h, w, cfg["short_side"], cfg["max_long_side"]))
-        decoded = np.asarray(Image.open(image_path).convert("RGB"))
-        assert torch.equal(sample["image"], resize_image(decoded, cfg["short_side"], cfg["max_long_side"]))
+        assert np.array_equal(sample["image"].permute(1, 2, 0).numpy(), opencv_pipeline(image_path, cfg))
         assert sample["label"].dtype == torch.int64
         assert np.array_equal(sample["label"].numpy(), expected_label(raw, cfg["reduce_zero_label"]))
 
@@ -237,9 +250,11 @@ def test_grayscale_and_cmyk_images_become_rgb(tmp_path):
     gray_path, cmyk_path = (written[n][0] for n in LOCAL["coco_stuff"]["names"])
     Image.open(gray_path).convert("L").save(gray_path)
     Image.open(cmyk_path).convert("CMYK").save(cmyk_path)
-    ds = build_dataset(load_cfg("coco_stuff", root=str(tmp_path)))
-    for i in range(2):
+    cfg = load_cfg("coco_stuff", root=str(tmp_path))
+    ds = build_dataset(cfg)
+    for i, path in enumerate((gray_path, cmyk_path)):
         assert ds[i]["error"] is None and ds[i]["image"].shape[0] == 3
+        assert np.array_equal(ds[i]["image"].permute(1, 2, 0).numpy(), opencv_pipeline(path, cfg))
     gray = ds[0]["image"]
     assert torch.equal(gray[0], gray[1]) and torch.equal(gray[1], gray[2])
 
@@ -326,6 +341,42 @@ def test_mask_size_mismatch_is_a_sample_error(tmp_path):
     sample, _, label_path = _first_error(tmp_path, "voc21", damage)
     h, w = SIZES[0]
     assert str(label_path) in sample["error"] and f"{h - 3}x{w - 1}" in sample["error"]
+
+
+def _with_exif_orientation(path: Path, orientation: int) -> None:
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    with Image.open(path) as image:
+        pixels = image.convert("RGB")
+    pixels.save(path, "JPEG", exif=exif)
+
+
+def test_exif_rotation_that_changes_the_shape_is_a_size_mismatch(tmp_path):
+    """OpenCV turns an orientation-6 image by 90°; its label (never rotated) then no longer fits."""
+    sample, image_path, label_path = _first_error(
+        tmp_path, "voc21", lambda img, lbl, raw: _with_exif_orientation(img, 6)
+    )
+    h, w = SIZES[0]
+    assert f"{h}x{w}" in sample["error"] and f"{w}x{h}" in sample["error"]
+    assert str(label_path) in sample["error"] and str(image_path) in sample["error"]
+
+
+def test_exif_rotation_by_180_is_applied_and_the_label_kept(tmp_path):
+    written = make_local("voc21", tmp_path)
+    name = LOCAL["voc21"]["names"][0]
+    image_path, _, raw = written[name]
+    _with_exif_orientation(image_path, 3)
+    cfg = load_cfg("voc21", root=str(tmp_path))
+    ds = build_dataset(cfg)
+    sample = next(ds[i] for i in range(len(ds)) if ds[i]["name"] == name)
+    assert sample["error"] is None
+    flags = cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION  # the pixels as stored, tag ignored
+    stored = cv2.cvtColor(cv2.imdecode(np.fromfile(image_path, np.uint8), flags), cv2.COLOR_BGR2RGB)
+    upright = np.ascontiguousarray(stored[::-1, ::-1])  # turned by 180°
+    h, w = expected_size(*raw.shape, cfg["short_side"], cfg["max_long_side"])
+    want = cv2.resize(upright, (w, h), interpolation=cv2.INTER_LINEAR)
+    assert np.array_equal(sample["image"].permute(1, 2, 0).numpy(), want)
+    assert np.array_equal(sample["label"].numpy(), raw)  # labels are never rotated
 
 
 @pytest.mark.parametrize(("dataset", "bad"), [("voc21", 21), ("ade", 151), ("cityscapes", 19)])
@@ -439,50 +490,17 @@ def test_hf_layout_errors(parquet_file, tmp_path):
 # ------------------------------------------------------------------------------------------------ resize
 
 
-def reference_bilinear(image: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
-    """Half-pixel bilinear (cv2 INTER_LINEAR / align_corners=False), no antialiasing, float64 (H, W, C)."""
-    in_h, in_w = image.shape[:2]
-
-    def taps(out_size: int, in_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        src = (np.arange(out_size) + 0.5) * in_size / out_size - 0.5
-        src = np.clip(src, 0, in_size - 1)
-        low = np.floor(src).astype(int)
-        high = np.minimum(low + 1, in_size - 1)
-        return low, high, src - low
-
-    y0, y1, fy = taps(out_h, in_h)
-    x0, x1, fx = taps(out_w, in_w)
-    img = image.astype(np.float64)
-    top = img[y0][:, x0] * (1 - fx)[None, :, None] + img[y0][:, x1] * fx[None, :, None]
-    bottom = img[y1][:, x0] * (1 - fx)[None, :, None] + img[y1][:, x1] * fx[None, :, None]
-    return top * (1 - fy)[:, None, None] + bottom * fy[:, None, None]
-
-
-@pytest.mark.parametrize(
-    ("shape", "short_side", "max_long_side"),
-    [((17, 23), 40, 2048), ((60, 45), 21, 2048), ((31, 97), 50, 120), ((375, 500), 336, 2048)],
-)
-def test_resize_matches_reference_bilinear(shape, short_side, max_long_side):
-    image = np.random.default_rng(1).integers(0, 256, (*shape, 3), dtype=np.uint8)
-    out = resize_image(image, short_side, max_long_side)
-    h, w = expected_size(*shape, short_side, max_long_side)
-    assert out.dtype == torch.uint8 and out.shape == (3, h, w)
-    # Round half up like cv2; the 1e-9 only absorbs round-off at exact .5 ties.
-    reference = np.clip(np.floor(reference_bilinear(image, h, w) + 0.5 + 1e-9), 0, 255)
-    assert np.array_equal(out.permute(1, 2, 0).numpy(), reference.astype(np.uint8))
-
-
 def test_resize_is_the_same_in_single_threaded_workers():
-    """DataLoader workers run torch with one thread; the result must not depend on it."""
-    image = np.random.default_rng(3).integers(0, 256, (30, 20, 3), dtype=np.uint8)
-    threads = torch.get_num_threads()
+    """DataLoader workers may run OpenCV with one thread; the result must not depend on it."""
+    image = np.random.default_rng(3).integers(0, 256, (300, 200, 3), dtype=np.uint8)
+    threads = cv2.getNumThreads()
     try:
-        torch.set_num_threads(1)
+        cv2.setNumThreads(1)
         single = resize_image(image, 336, 2048)
-        torch.set_num_threads(max(2, threads))
+        cv2.setNumThreads(max(2, threads))
         assert torch.equal(resize_image(image, 336, 2048), single)
     finally:
-        torch.set_num_threads(threads)
+        cv2.setNumThreads(threads)
 
 
 def test_resize_has_no_antialiasing():

@@ -15,8 +15,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
 from hydra.errors import ConfigCompositionException
+from omegaconf import open_dict
 
 from naclip import config
 from naclip.run import setup_distributed, shard_indices
@@ -94,6 +100,37 @@ def test_shard_of_rank_is_round_robin() -> None:
 def test_without_torchrun_is_rank_zero_of_one(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     assert setup_distributed("cpu") == (0, 1)
+
+
+def _rank(rank: int, world: int, port: int, overrides: list[str], out: str) -> None:
+    """One rank of a gloo group running the runner's evaluate, with the variables torchrun would export."""
+    torch.set_num_threads(1)  # forked from a process that used OpenMP: stay single-threaded
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    from naclip.run import evaluate
+
+    config.register()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=config.config_dir(), version_base="1.3"):
+        cfg = compose("config", overrides=overrides, return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        del cfg["hydra"]
+    try:
+        evaluate(cfg, Path(out))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def test_two_ranks_count_every_image(tmp_path: Path) -> None:
+    """Two forked ranks (gloo) split 3 images 2 + 1: the result counts all 3, whichever rank writes it."""
+    out = tmp_path / "job"
+    overrides = [*SMOKE, "dataset.num_images=3", f"text_cache_dir={tmp_path / 'cache'}"]
+    mp.start_processes(_rank, args=(2, _free_port(), overrides, str(out)), nprocs=2, join=True, start_method="fork")
+    result = _result(out)
+    assert (result["world_size"], result["num_images"]) == (2, 3)
+    assert result["images_per_sec"] == pytest.approx(3 / result["seconds"], rel=1e-3)
 
 
 # -- SLURM launcher preset (in-process compose, fast) ---------------------------------------------------------

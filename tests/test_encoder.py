@@ -23,6 +23,45 @@ def reference_omega(rows: int, cols: int, sigma: float) -> torch.Tensor:
     return omega
 
 
+def cubic_weights(t: float, a: float = -0.75) -> list[float]:
+    """Keys' cubic convolution weights of the four taps at distances 1 + t, t, 1 - t and 2 - t."""
+
+    def near(x: float) -> float:  # |x| <= 1
+        return ((a + 2) * x - (a + 3)) * x * x + 1
+
+    def far(x: float) -> float:  # 1 < |x| < 2
+        return ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
+
+    return [far(1 + t), near(t), near(1 - t), far(2 - t)]
+
+
+def published_resize_matrix(out_size: int, in_size: int) -> torch.Tensor:
+    """(out, in) float64 matrix of the published bicubic resize along one axis.
+
+    The factor is (out + 0.1) / in; output cell i samples the input at (i + 0.5) / factor - 0.5 (half-pixel
+    centres), from taps floor - 1 .. floor + 2, each clamped to the border.
+    """
+    factor = (out_size + 0.1) / in_size
+    matrix = torch.zeros(out_size, in_size, dtype=torch.float64)
+    for i in range(out_size):
+        src = (i + 0.5) / factor - 0.5
+        base = math.floor(src)
+        for tap, weight in zip(range(base - 1, base + 3), cubic_weights(src - base), strict=True):
+            matrix[i, min(max(tap, 0), in_size - 1)] += weight
+    return matrix
+
+
+def reference_position_embedding(pos: torch.Tensor, base: int, rows: int, cols: int, square: bool) -> torch.Tensor:
+    """The published rule: kept when rows·cols == base² on a square image, else the bicubic resize above."""
+    if rows * cols == base * base and square:
+        return pos
+    patch = pos[1:].reshape(base, base, -1).double()  # (g0, g0, C)
+    resized = torch.einsum(
+        "ri,cj,ijd->rcd", published_resize_matrix(rows, base), published_resize_matrix(cols, base), patch
+    )
+    return torch.cat([pos[:1], resized.reshape(rows * cols, -1).to(pos.dtype)])
+
+
 def reference_features(model, images, attention, arch, sigma):
     """Plain tensor code: patchify by unfold, explicit per-head attention, eq. 16 for the reduced block."""
     v = model.visual
@@ -33,11 +72,8 @@ def reference_features(model, images, attention, arch, sigma):
     patches = images[:, :, : rows * p, : cols * p].unfold(2, p, p).unfold(3, p, p)  # (B, 3, rows, cols, p, p)
     patches = patches.permute(0, 2, 3, 1, 4, 5).reshape(b, rows * cols, 3 * p * p)
     x = patches @ v.conv1.weight.reshape(width, -1).T  # (B, N, C)
-    g = v.grid_size
-    pos = v.positional_embedding
-    grid_pos = pos[1:].reshape(1, g[0], g[1], width).permute(0, 3, 1, 2)
-    grid_pos = F.interpolate(grid_pos, size=(rows, cols), mode="bicubic", align_corners=False, antialias=False)
-    pos = torch.cat([pos[:1], grid_pos.permute(0, 2, 3, 1).reshape(rows * cols, width)])
+    square = images.shape[2] == images.shape[3]
+    pos = reference_position_embedding(v.positional_embedding, v.grid_size[0], rows, cols, square)
     x = torch.cat([v.class_embedding.expand(b, 1, width), x], 1) + pos
     x = F.layer_norm(x, (width,), v.ln_pre.weight, v.ln_pre.bias, v.ln_pre.eps)
     for blk in v.transformer.resblocks[:-1]:
@@ -81,12 +117,28 @@ def reference_features(model, images, attention, arch, sigma):
 
 
 def assert_tokens_close(got: torch.Tensor, ref: torch.Tensor) -> None:
+    """Same direction and same magnitude, token by token."""
     assert got.shape == ref.shape
     cos = F.cosine_similarity(got.reshape(-1, got.shape[-1]), ref.reshape(-1, ref.shape[-1]), dim=-1)
     assert cos.min().item() >= 0.99999, cos.min().item()
+    torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("size", [(160, 160), (128, 208)], ids=["square", "nonsquare"])
+def distinct_images(size: int) -> torch.Tensor:
+    """Three images that differ in content and statistics (not a global scale, which LayerNorm removes):
+    noise, a smooth offset gradient, and flat blocks."""
+    gen = torch.Generator().manual_seed(5)
+    yy, xx = torch.meshgrid(torch.arange(size).float(), torch.arange(size).float(), indexing="ij")
+    noise = torch.randn(3, size, size, generator=gen)
+    smooth = torch.stack([torch.sin(xx / 9), torch.cos(yy / 5), (xx - yy) / size]) * 1.5 + 0.8
+    blocks = torch.rand(3, size // 32, size // 32, generator=gen) * 4 - 2
+    blocks = blocks.repeat_interleave(32, 1).repeat_interleave(32, 2)
+    return torch.stack([noise, smooth, blocks])
+
+
+@pytest.mark.parametrize(
+    "size", [(160, 160), (128, 208), (112, 448), (224, 230)], ids=["square", "nonsquare", "196-cells", "14x14-wide"]
+)
 @pytest.mark.parametrize(("attention", "arch"), PAIRS)
 def test_b16_matches_reference(b16, attention, arch, size):
     torch.manual_seed(1)
@@ -120,6 +172,39 @@ def test_several_sigmas(b16, attention, sigma):
     assert_tokens_close(got, ref)
 
 
+@pytest.mark.parametrize(
+    ("grid", "square"),
+    [((10, 10), True), ((28, 28), True), ((21, 28), False), ((7, 28), False), ((14, 14), False), ((5, 3), False)],
+)
+@pytest.mark.parametrize("model", ["b16", "b32"])
+def test_position_embedding_follows_the_published_resize(request, model, grid, square):
+    visual = request.getfixturevalue(model).visual
+    enc = DenseEncoder(visual)
+    got = enc.position_embedding(grid, square=square)
+    base = visual.grid_size[0]
+    want = reference_position_embedding(visual.positional_embedding, base, *grid, square)
+    assert got.shape == (1 + grid[0] * grid[1], visual.positional_embedding.shape[1])
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+    assert torch.equal(got[0], visual.positional_embedding[0])  # the class token's embedding is kept
+    # Not the exact-size resize: the published sample positions move the embeddings measurably.
+    patch = visual.positional_embedding[1:].reshape(1, base, base, -1).permute(0, 3, 1, 2)
+    exact = (
+        F.interpolate(patch, size=grid, mode="bicubic", align_corners=False)
+        .permute(0, 2, 3, 1)
+        .reshape(-1, got.shape[1])
+    )
+    assert (got[1:] - exact).abs().max() > 1e-3
+    assert enc.position_embedding(grid, square=square) is got  # cached
+
+
+def test_position_embedding_is_kept_only_for_a_square_pretraining_grid(b16):
+    enc = DenseEncoder(b16)
+    pos = b16.visual.positional_embedding
+    assert enc.position_embedding((14, 14), square=True) is pos
+    assert not torch.equal(enc.position_embedding((14, 14), square=False), pos)  # a 224×230 image: 14.1 / 14
+    assert not torch.equal(enc.position_embedding((7, 28), square=False)[1:], pos[1:])  # 196 cells, not square
+
+
 def test_sigma_changes_features(b16):
     images = torch.randn(1, 3, 128, 128)
     a = DenseEncoder(b16, "full", "reduced", sigma=1.0)(images)
@@ -147,14 +232,14 @@ def test_model_left_untouched(b16):
     assert torch.equal(before, after)
 
 
-def test_n_only_constant_is_per_image(b16):
-    """Batching must never mix images: each image's output equals its output alone."""
-    torch.manual_seed(5)
-    images = torch.randn(3, 3, 128, 128) * torch.tensor([0.2, 1.0, 4.0])[:, None, None, None]
-    enc = DenseEncoder(b16, "n_only", "reduced")
+@pytest.mark.parametrize("attention", ["n_only", "full"])
+def test_batched_images_equal_each_image_alone(b16, attention):
+    """Batching must never mix images (n_only's constant c is per image): values equal, not only directions."""
+    images = distinct_images(128)
+    enc = DenseEncoder(b16, attention, "reduced")
     batched = enc(images)
     for i in range(3):
-        assert_tokens_close(batched[i : i + 1], enc(images[i : i + 1]))
+        torch.testing.assert_close(batched[i : i + 1], enc(images[i : i + 1]), atol=1e-5, rtol=1e-5)
 
 
 def test_prior_closed_form_and_cache():

@@ -26,7 +26,8 @@ ONE_TEMPLATE = ("a photo of a {}.",)
 # prob_thd near the median best-class probability of random weights, so σ, attention and PAMR change the labels
 SMOKE = ["dataset=synthetic", "backbone=b32", "backbone.pretrained=null", "num_workers=0", "dataset.num_images=2",
          "dataset.prob_thd=0.215"]
-TIMING = {"seconds", "images_per_sec", "peak_memory_mb", "finished_at"}
+TIMING = {"seconds_eval", "seconds_model_load", "seconds_text_classifier", "images_per_sec", "peak_memory_mb",
+          "finished_at"}
 VARIANTS = [
     {"sigma": 2.0},
     {"sigma": 6.0},

@@ -7,21 +7,25 @@ import subprocess
 import sys
 from pathlib import Path
 
+import cv2
 import imgviz
 import numpy as np
+import open_clip
 import pytest
+import reference_pipeline as ref
+import torch
 from hydra import compose, initialize_config_dir
 from PIL import Image
 
 from naclip import Segmenter, config
-from naclip.clip import OPENAI_MEAN, OPENAI_STD
-from naclip.data import resize_image
 from naclip.predict import PredictError, find_images, resolve_classes, run
-from naclip.predictor import normalize_images
+from naclip.predictor import Predictor, normalize_images
 
 
-def _write_image(path: Path, height: int, width: int, seed: int = 0) -> np.ndarray:
-    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+def _write_image(path: Path, height: int, width: int, seed: int = 0, block: int = 1) -> np.ndarray:
+    """Random pixels in block x block squares; halving a 2-block image is then exact for any bilinear filter."""
+    coarse = np.random.default_rng(seed).integers(0, 256, (height // block, width // block, 3), dtype=np.uint8)
+    pixels = coarse.repeat(block, axis=0).repeat(block, axis=1)
     Image.fromarray(pixels).save(path)
     return pixels
 
@@ -80,13 +84,50 @@ def test_find_images_errors(tmp_path):
         find_images(str(tmp_path))
 
 
+# ---------------------------------------------------------------------------------- preprocessing, Predictor
+def test_normalize_images_scales_pixels_to_unit_range_before_clip_statistics():
+    mean, std = (0.5, 0.25, 0.4), (0.25, 0.5, 0.2)
+    pixels = torch.tensor([0, 51, 102, 255], dtype=torch.uint8).view(1, 1, 4).expand(3, 2, 4)
+    unit = torch.tensor([0.0, 0.2, 0.4, 1.0])  # the pixel values divided by 255
+    expected = torch.stack([(unit - m) / s for m, s in zip(mean, std, strict=True)])[:, None, :].expand(3, 2, 4)
+    got = normalize_images(pixels, mean, std)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
+    torch.testing.assert_close(normalize_images(pixels[None].repeat(2, 1, 1, 1), mean, std)[1], expected, atol=1e-6,
+                               rtol=0)
+
+
+def test_predictor_returns_labels_at_the_image_size(tmp_path):
+    """Segmented at the protocol's size (448 → 224 short side), labelled at the image's own 448x448 pixels."""
+    path = tmp_path / "photo.png"
+    _write_image(path, 448, 448, seed=3, block=2)
+    classes, templates = [["sky"], ["tree", "bush"], ["car"]], ["a photo of a {}."]
+    torch.manual_seed(11)
+    predictor = Predictor(classes, model="ViT-B-32", pretrained=None, device="cpu", short_side=224, slide_crop=0,
+                          templates=templates)
+    labels = predictor(str(path))
+    assert labels.shape == (448, 448) and labels.dtype == torch.int64
+
+    torch.manual_seed(11)  # the same random weights, built by open_clip directly
+    model = open_clip.create_model("ViT-B-32", pretrained=None).eval()
+    names, owner = ref.query_names(classes)
+    x = ref.normalize(ref.resize(ref.decode(path.read_bytes()), 224))  # (3, 224, 224): a 7x7 patch grid
+    expected = ref.predict_labels(model, ref.text_embeddings(model, names, templates), owner, x, (448, 448))
+    assert len(expected.unique()) >= 2
+    assert (labels == expected).float().mean().item() > 0.999
+
+
 # ------------------------------------------------------------------------------------------ in-process run
 def test_run_writes_labels_and_overlays_at_image_size(tmp_path, monkeypatch, b32, capsys):
     """Label PNGs hold exactly the segmenter's prediction at the image's size; stems stay unique."""
     monkeypatch.setattr("naclip.clip.load_clip", lambda *args, **kwargs: b32)
     images = tmp_path / "in"
     images.mkdir()
-    pixels = {"a.png": _write_image(images / "a.png", 50, 70, 0), "a.bmp": _write_image(images / "a.bmp", 64, 40, 1)}
+    # short sides of 128 halved to short_side=64: cv2, mmcv and any bilinear resize agree exactly
+    pixels = {
+        "a.png": _write_image(images / "a.png", 128, 176, 0, block=2),
+        "a.bmp": _write_image(images / "a.bmp", 176, 128, 1, block=2),
+    }
     out = tmp_path / "out"
     out.mkdir()
     cfg = _cfg(
@@ -110,7 +151,7 @@ def test_run_writes_labels_and_overlays_at_image_size(tmp_path, monkeypatch, b32
     seg = Segmenter(b32, [["wall"], ["sky"], ["tree", "bush"]], slide_crop=64, slide_stride=32, prob_thd=0.4)
     for name, source in pixels.items():
         stem = name.replace(".", "_")
-        x = normalize_images(resize_image(source, 64, 2048), OPENAI_MEAN, OPENAI_STD)
+        x = ref.normalize(ref.resize(source, 64))
         expected = seg.predict_list([x], [source.shape[:2]])[0].numpy()
         with Image.open(out / f"{stem}_labels.png") as png:
             assert png.mode == "P" and png.size == (source.shape[1], source.shape[0])
@@ -118,6 +159,31 @@ def test_run_writes_labels_and_overlays_at_image_size(tmp_path, monkeypatch, b32
             assert png.getpalette()[:768] == imgviz.label_colormap().flatten().tolist()
         with Image.open(out / f"{stem}_overlay.png") as png:
             assert png.mode == "RGB" and png.size == (source.shape[1], source.shape[0])
+
+
+def test_run_outputs_follow_the_exif_orientation(tmp_path, monkeypatch, b32):
+    """An orientation-6 JPEG is shown turned by 90°: labels and overlay come out in that orientation."""
+    monkeypatch.setattr("naclip.clip.load_clip", lambda *args, **kwargs: b32)
+    stored = np.random.default_rng(2).integers(0, 256, (40, 56, 3), dtype=np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    path = tmp_path / "phone.jpg"
+    Image.fromarray(stored).save(path, "JPEG", exif=exif)
+    out = tmp_path / "out"
+    out.mkdir()
+    run(_cfg(f"image={path}", "classes=[sky, tree]", "short_side=64", "slide_crop=0"), out)
+
+    flags = cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION  # the pixels as stored, tag ignored
+    decoded = cv2.cvtColor(cv2.imdecode(np.fromfile(path, np.uint8), flags), cv2.COLOR_BGR2RGB)
+    upright = np.ascontiguousarray(np.rot90(decoded, -1))  # (56, 40, 3): turned 90° clockwise
+    seg = Segmenter(b32, [["sky"], ["tree"]], slide_crop=0)
+    x = ref.normalize(ref.resize(upright, 64))
+    expected = seg.predict_list([x], [upright.shape[:2]])[0].numpy()
+    with Image.open(out / "phone_labels.png") as png:
+        assert png.size == (40, 56)
+        np.testing.assert_array_equal(np.array(png), expected)
+    with Image.open(out / "phone_overlay.png") as png:
+        assert png.size == (40, 56)
 
 
 def test_run_checks_config_before_loading_a_model(tmp_path, monkeypatch):

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
+import reference_pipeline as ref
 import torch
 import torch.nn.functional as F
 
@@ -157,12 +159,17 @@ def test_batching_across_images_changes_nothing(make, slide_crop):
         assert lab.dtype == torch.int64 and torch.equal(lab, want)
 
 
-def test_batch_path_equals_list_path(seg):
+def test_batch_path_equals_per_image_reference(b16, seg):
+    """A batch of two different images (content and statistics) gives each image's own plain slide result."""
     (x,) = images((32, 48), batch=2, seed=2)
-    listed = seg.logits_list(list(x))
-    torch.testing.assert_close(seg.logits(x), torch.stack(listed), atol=1e-5, rtol=0)
-    want = torch.stack(seg.predict_list(list(x), [(30, 50)] * 2))  # (2, 30, 50)
-    assert torch.equal(seg.predict(x, (30, 50)), want)
+    x[1] = x[1].cumsum(dim=-1) * 0.2 + 0.7  # smooth and offset, unlike the noise of image 0
+    want = torch.stack([reference_slide_logits(b16, image, CROP, STRIDE) for image in x])
+    torch.testing.assert_close(seg.logits(x), want, atol=1e-5, rtol=1e-5)
+    resized = F.interpolate(want, size=(30, 50), mode="bilinear", align_corners=False)
+    probs = reference_class_probs(resized, 40.0)
+    torch.testing.assert_close(seg.probs(x, (30, 50)), probs, atol=1e-5, rtol=1e-5)
+    got = seg.predict(x, (30, 50))
+    assert got.shape == (2, 30, 50) and (got == probs.argmax(dim=1)).float().mean() > 0.999
 
 
 # ---------------------------------------------------------------- probabilities and labels
@@ -218,14 +225,24 @@ def test_pamr_refines_logits_before_softmax(make, seg):
     assert refined.predict(x).shape == (1, 32, 48)
 
 
+@pytest.fixture(scope="module")
+def b32_queries(b32, tmp_path_factory: pytest.TempPathFactory) -> tuple[torch.Tensor, Path]:
+    """Query embeddings of CLASSES by the plainly written text reference, and a text cache for the segmenters."""
+    return ref.text_embeddings(b32, QUERIES, TEMPLATES), tmp_path_factory.mktemp("b32-text-cache")
+
+
 @pytest.mark.parametrize("attention", ["vanilla", "kk_sim", "n_only", "full"])
 @pytest.mark.parametrize("arch", ["vanilla", "reduced"])
-def test_every_attention_and_arch_segments(make, attention, arch):
-    seg = make(attention=attention, arch=arch)
+def test_every_attention_and_arch_segments(b32, b32_queries, attention, arch):
+    """Each option's whole-image logits, probabilities and labels equal the plain pipeline's (7x7 native grid)."""
+    queries, cache = b32_queries
+    seg = Segmenter(b32, CLASSES, attention, arch, 5.0, slide_crop=0, templates=TEMPLATES, cache_dir=cache)
     assert (seg.encoder.attention, seg.encoder.arch, seg.num_classes) == (attention, arch, len(CLASSES))
-    (x,) = images((32, 48), seed=7)
-    labels = seg.predict(x)
-    assert labels.shape == (1, 32, 48) and int(labels.min()) >= 0 and int(labels.max()) < len(CLASSES)
+    (x,) = images((224, 224), seed=7)
+    want = ref.whole_logits(b32, queries, x[0], attention=attention, arch=arch, sigma=5.0)  # (Q, 224, 224)
+    torch.testing.assert_close(seg.logits(x)[0], want, atol=1e-5, rtol=1e-4)
+    labels = reference_class_probs(want[None], 40.0).argmax(dim=1)
+    assert (seg.predict(x) == labels).float().mean() > 0.999
 
 
 def test_class_names_accept_comma_strings(make):

@@ -19,6 +19,7 @@ from naclip.tables import (
     load_source,
     main,
     plot_sigma,
+    select_results,
     sigma_sweep,
 )
 
@@ -249,7 +250,7 @@ def test_csv_content(tmp_path):
     with path.open(encoding="utf-8", newline="") as fh:
         rows = list(csv.reader(fh))
     assert rows[0] == ["Method", *HEADERS]
-    assert rows[1] == ["NACLIP", "12.3", *["–"] * 8]
+    assert rows[1] == ["NACLIP", "12.3", *[""] * 8]  # missing cells empty, so pandas reads numeric columns
     assert rows[2] == ["NACLIP (paper)", "58.9", "32.2", "33.2", "79.7", "35.5", "35.2", "17.4", "23.3", "39.4"]
     assert [r[0] for r in rows[3:]] == ["NACLIP + PAMR", "NACLIP + PAMR (paper)"]
 
@@ -263,11 +264,13 @@ def test_sigma_sweep_curves_and_plot(tmp_path):
         fake_result(dataset="voc21", miou=58.0, sigma=5.0, finished_at="2026-01-01T00:00:00+00:00"),
         fake_result(dataset="voc21", miou=59.0, sigma=5.0, finished_at="2026-06-01T00:00:00+00:00"),
         fake_result(dataset="voc21", miou=11.0, sigma=3.0, refine="pamr"),  # not the swept config
-        fake_result(dataset="voc21", miou=12.0, sigma=3.0, backbone="b32"),  # not the swept config
+        fake_result(dataset="voc21", miou=12.0, sigma=3.0, backbone="b32"),  # another backbone: its own line
+        fake_result(dataset="voc21", miou=13.0, sigma=3.0, arch="vanilla"),  # not the swept config
     ]
     assert sigma_sweep(results) == {
-        "voc21": [(3.0, 55.0), (5.0, 59.0), (7.0, 50.0)],
-        "pc59": [(7.0, 30.0)],
+        ("b16", "voc21"): [(3.0, 55.0), (5.0, 59.0), (7.0, 50.0)],
+        ("b16", "pc59"): [(7.0, 30.0)],
+        ("b32", "voc21"): [(3.0, 12.0)],
     }
     path = plot_sigma(results, tmp_path / "sweep.png")
     assert path == tmp_path / "sweep.png"
@@ -438,3 +441,89 @@ def test_module_runs_as_script(tmp_path):
     assert done.returncode == 0, done.stderr
     assert "### Table 2 —" in done.stdout and "Traceback" not in done.stderr
     assert (tmp_path / "tables" / "table2.csv").exists() and (tmp_path / "tables" / "sigma_sweep.png").exists()
+
+
+# ------------------------------------------------------------------------------------------- provenance
+def caveated(result: dict, *, random_weights: bool = False, partial: bool = False) -> dict:
+    """A result as run.py writes it for a smoke run: random weights and/or a partial split."""
+    result["provenance"] = {"random_weights": random_weights, "partial": partial,
+                            "partial_reasons": ["max_images=2 of 1449 images"] if partial else []}
+    return result
+
+
+def test_tables_leave_out_random_and_partial_results_with_one_line(tmp_path, capsys):
+    runs, out = tmp_path / "outputs", tmp_path / "tables_out"
+    write_result(runs, dataset="voc21", miou=61.0)
+    write_json(runs, caveated(fake_result(dataset="pc60", miou=33.0), random_weights=True))
+    write_json(runs, caveated(fake_result(dataset="ade", miou=12.0), partial=True))
+    write_json(runs, caveated(fake_result(dataset="ade", miou=13.0, refine="pamr"), random_weights=True, partial=True))
+    assert main(["--source", "local", str(runs), "--out", str(out)]) == 0
+    captured = capsys.readouterr()
+    notes = [line for line in captured.err.splitlines() if "left out" in line]
+    assert notes == ["naclip.tables: left out 3 of 4 results (2 with random weights and 1 on a partial split); "
+                     "--include-partial shows them"]
+    assert "| NACLIP | 61.0 | – | – | – | – | – | – | – | – |" in captured.out
+    assert "†" not in captured.out
+    with (out / "table1.csv").open(encoding="utf-8", newline="") as fh:
+        rows = list(csv.reader(fh))
+    assert rows[0] == ["Method", *HEADERS] and rows[1] == ["NACLIP", "61.0", *[""] * 8]
+
+
+def test_include_partial_marks_each_caveated_cell(tmp_path, capsys):
+    runs, out = tmp_path / "outputs", tmp_path / "tables_out"
+    write_result(runs, dataset="voc21", miou=61.0)
+    write_json(runs, caveated(fake_result(dataset="pc60", miou=33.0), random_weights=True))
+    write_json(runs, caveated(fake_result(dataset="ade", miou=12.0), partial=True))
+    assert main(["--source", "local", str(runs), "--out", str(out), "--include-partial"]) == 0
+    captured = capsys.readouterr()
+    assert "| NACLIP | 61.0 | 33.0† | – | – | – | – | 12.0† | – | – |" in captured.out
+    assert "† not a full measurement" in captured.out
+    assert "included 2 results" in captured.err
+    with (out / "table1.csv").open(encoding="utf-8", newline="") as fh:
+        rows = list(csv.reader(fh))
+    assert rows[0] == ["Method", *HEADERS, "Note"]
+    assert rows[1] == ["NACLIP", "61.0", "33.0", "", "", "", "", "12.0", "", "", "PC60 †; ADE †"]
+
+
+def test_full_measurement_beats_a_newer_partial_one_and_avg_is_marked():
+    results = [fake_result(dataset=d, miou=40.0) for d in DATASETS]
+    newer = caveated(fake_result(dataset="voc21", miou=90.0, finished_at="2027-01-01T00:00:00+00:00"), partial=True)
+    table = build_tables([*results, newer])["table1"]
+    assert table.value("NACLIP", "V21") == 40.0 and not table.marked
+    only_partial = build_tables([*results[1:], newer])["table1"]
+    assert only_partial.value("NACLIP", "V21") == 90.0
+    assert only_partial.marked == {("NACLIP", "V21"), ("NACLIP", "Avg")}
+    assert only_partial.value("NACLIP", "Avg") == pytest.approx((90.0 + 7 * 40.0) / 8)
+
+
+def test_results_without_provenance_are_judged_from_their_config():
+    random_run = fake_result(miou=20.0)
+    random_run["config"]["backbone"]["pretrained"] = None
+    smoke = fake_result(dataset="pc60", miou=21.0)
+    smoke["config"]["max_images"] = 5
+    kept, note = select_results([random_run, smoke, fake_result(dataset="ade", miou=22.0)])
+    assert [r["miou"] for r in kept] == [22.0]
+    assert note.startswith("left out 2 of 3 results (1 with random weights and 1 on a partial split)")
+
+
+def test_wandb_source_reads_provenance_and_tags(tmp_path, capsys):
+    real = FakeRun(fake_result(dataset="voc21", miou=61.0), name="real")
+    summarised = FakeRun(fake_result(dataset="pc60", miou=33.0), name="summary")
+    summarised.summary["provenance"] = {"random_weights": True, "partial": False}
+    tagged = FakeRun(fake_result(dataset="ade", miou=12.0), name="tags")
+    tagged.tags = ["partial", "dataset:ade"]
+    results = WandbSource("me/naclip", api=FakeApi([real, summarised, tagged])).results()
+    kept, note = select_results(results)
+    assert [r["miou"] for r in kept] == [61.0]
+    assert "1 with random weights and 1 on a partial split" in note
+
+
+def test_sigma_plot_follows_the_same_rule(tmp_path, capsys):
+    runs, out = tmp_path / "outputs", tmp_path / "out"
+    for sigma in (2.0, 6.0):
+        write_json(runs, caveated(fake_result(dataset="synthetic", backbone="b32", miou=sigma, sigma=sigma),
+                                  random_weights=True))
+    assert main(["--source", "local", str(runs), "--out", str(out)]) == 0
+    assert not (out / "sigma_sweep.png").exists()
+    assert main(["--source", "local", str(runs), "--out", str(out), "--include-partial"]) == 0
+    assert (out / "sigma_sweep.png").stat().st_size > 1000

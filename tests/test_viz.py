@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 import subprocess
 import sys
-from pathlib import Path
 
 import imgviz
 import numpy as np
@@ -13,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from naclip import DenseEncoder
+from naclip.attention import attend, attention_weights, gaussian_prior, get_attention
 from naclip.viz import attention_maps, image_grid, overlay, palette_png, plot_attention
 
 ROWS, COLS = 5, 6  # patch grid of a 160x192 image with ViT-B/32
@@ -40,14 +39,57 @@ def test_attention_maps_shapes(maps):
         assert torch.all(sums > 0.5) and torch.all(sums <= 1 + 1e-5)
 
 
-def test_attention_maps_match_encoder_rows(b32, image, maps):
-    """Patch (r, c) is token 1 + r*cols + c of the encoder's own attention, averaged over heads."""
-    for name in ("vanilla", "full"):
-        weights, grid = DenseEncoder(b32, attention=name, sigma=2.0).attention_weights(image[None])
-        assert grid == (ROWS, COLS)
-        for i, (r, c) in enumerate(PATCHES):
-            row = weights[0, :, 1 + r * COLS + c, 1:].mean(dim=0).reshape(ROWS, COLS)
-            torch.testing.assert_close(maps[name][i], row)
+def _last_block_qk(model, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """q, k (h, 1+N, d) of the last block, from the input open_clip's own forward feeds it."""
+    block = model.visual.transformer.resblocks[-1]
+    seen = []
+    hook = block.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    try:
+        with torch.no_grad():
+            model.encode_image(image[None])
+    finally:
+        hook.remove()
+    x = block.ln_1(seen[0][0])  # (1+N, C), batch-first blocks
+    heads = block.attn.num_heads
+    q, k, _ = (x @ block.attn.in_proj_weight.T + block.attn.in_proj_bias).chunk(3, dim=-1)
+    return (t.reshape(len(x), heads, -1).transpose(0, 1) for t in (q, k))
+
+
+@pytest.mark.parametrize("variant", ["vanilla", "kk_sim", "full"])
+def test_attention_maps_equal_softmax_of_scaled_scores(b32, variant):
+    """softmax(q·kᵀ/√d [+ ω]) from the model's own last-block q and k, head average, CLS column dropped."""
+    native = torch.randn(3, 224, 224, generator=torch.Generator().manual_seed(2))  # 7x7 grid: no resizing
+    q, k = _last_block_qk(b32, native)
+    query = k if variant in ("kk_sim", "full") else q
+    scores = query @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])  # (h, 50, 50)
+    if variant == "full":
+        rr, cc = torch.meshgrid(torch.arange(7.0), torch.arange(7.0), indexing="ij")
+        rr, cc = rr.flatten(), cc.flatten()
+        omega = torch.zeros(50, 50)
+        omega[1:, 1:] = torch.exp(-((rr[:, None] - rr) ** 2 + (cc[:, None] - cc) ** 2) / (2 * 2.0**2))
+        scores = scores + omega
+    weights = scores.softmax(dim=-1).mean(dim=0)  # (50, 50)
+    patches = [(0, 0), (3, 4), (6, 2)]
+    got = attention_maps(b32, native, patches, variants=(variant,), sigma=2.0)[variant]
+    for i, (r, c) in enumerate(patches):
+        torch.testing.assert_close(got[i], weights[1 + r * 7 + c, 1:].reshape(7, 7), atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("variant", ["vanilla", "kk_sim", "n_only", "full"])
+def test_explicit_weights_are_the_fused_attention(variant):
+    """The figures' explicit weights, applied to v, give the fused kernel's output (softmax(QKᵀ/√d + bias) v)."""
+    gen = torch.Generator().manual_seed(3)
+    q = torch.randn(2, 4, 13, 16, generator=gen) * torch.tensor([1.0, 3.0])[:, None, None, None]
+    k = torch.randn(2, 4, 13, 16, generator=gen)
+    v = torch.randn(2, 4, 13, 16, generator=gen)
+    kind = get_attention(variant)
+    prior = gaussian_prior((3, 4), 1.5) if kind.uses_sigma else None
+    weights = attention_weights(kind, q, k, prior)
+    torch.testing.assert_close(weights.sum(-1), torch.ones(2, 4, 13))
+    torch.testing.assert_close(weights @ v, attend(kind, q, k, v, prior), atol=1e-5, rtol=1e-4)
+    if variant == "vanilla":
+        want = torch.softmax(q @ k.transpose(-2, -1) / 4.0, dim=-1)  # √d = 4
+        torch.testing.assert_close(weights, want, atol=1e-6, rtol=1e-5)
 
 
 def test_batched_and_unbatched_image_agree(b32, image, maps):
@@ -102,8 +144,26 @@ def test_overlay_blends_with_the_voc_palette():
     expected = np.rint(0.75 * pixels.astype(np.float64) + 0.25 * colours[labels]).astype(np.uint8)
     assert out.shape == (40, 56, 3) and out.dtype == np.uint8
     assert np.abs(out.astype(int) - expected.astype(int)).max() <= 1
-    np.testing.assert_array_equal(overlay(pixels, labels, ["a"], alpha=0.0, legend=False), pixels)
-    np.testing.assert_array_equal(overlay(pixels, labels, ["a"], alpha=1.0, legend=False), colours[labels])
+    names = ["background", "cat", "dog"]
+    np.testing.assert_array_equal(overlay(pixels, labels, names, alpha=0.0, legend=False), pixels)
+    np.testing.assert_array_equal(overlay(pixels, labels, names, alpha=1.0, legend=False), colours[labels])
+
+
+def test_user_classes_are_never_black_only_background_is():
+    """naclip.predict's classes without background=[...]: `person` (class 0) must not look unlabelled."""
+    labels = np.repeat(np.arange(3), 8)[None].repeat(6, axis=0)  # (6, 24): stripes of classes 0, 1, 2
+    black = np.zeros((1, 1, 3), np.uint8)
+    voc = imgviz.label_colormap()
+    for names in (["person", "car", "dog"], ["background", "person", "car"], ["sky", "background", "tree"]):
+        painted = overlay(np.zeros((*labels.shape, 3), np.uint8), labels, names, alpha=1.0, legend=False)
+        for index, name in enumerate(names):
+            colour = painted[labels == index]
+            assert len(colour) and (colour == colour[0]).all()
+            assert (colour[0] == black).all() == (name == "background"), (names, name, colour[0])
+        user = [tuple(painted[labels == i][0]) for i, n in enumerate(names) if n != "background"]
+        assert len(set(user)) == len(user)  # distinct colours
+        # the user classes take the VOC palette's visible colours in order: 1, 2, ...
+        assert user == [tuple(voc[k]) for k in range(1, len(user) + 1)]
 
 
 def test_overlay_legend_stays_inside_and_accepts_chw():
@@ -135,6 +195,15 @@ def test_palette_png_round_trips_indices_and_palette(tmp_path):
     np.testing.assert_array_equal(palette, imgviz.label_colormap())
 
 
+def test_palette_png_with_names_matches_the_overlay_colours(tmp_path):
+    _, labels = _picture()
+    path = palette_png(labels, tmp_path / "labels.png", ["person", "car", "dog"])
+    with Image.open(path) as png:
+        np.testing.assert_array_equal(np.array(png), labels)
+        palette = np.array(png.getpalette()[: 256 * 3]).reshape(256, 3)
+    assert palette[0].tolist() == imgviz.label_colormap()[1].tolist() != [0, 0, 0]
+
+
 def test_palette_png_rejects_out_of_range(tmp_path):
     with pytest.raises(ValueError, match=r"0\.\.255"):
         palette_png(np.full((4, 4), 256), tmp_path / "x.png")
@@ -162,11 +231,11 @@ def test_image_grid_layout(tmp_path):
 
 
 @pytest.mark.slow
-def test_figures_script_on_synthetic(tmp_path):
-    script = Path(__file__).resolve().parent.parent / "scripts" / "figures.py"
+def test_figures_module_on_synthetic(tmp_path):
     command = [
         sys.executable,
-        str(script),
+        "-m",
+        "naclip.figures",
         "--dataset",
         "synthetic",
         "--backbone",
@@ -181,15 +250,30 @@ def test_figures_script_on_synthetic(tmp_path):
     ]
     proc = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
+    progress = [line for line in proc.stderr.splitlines() if line.startswith("naclip.figures: ")]
+    assert progress[0].startswith("naclip.figures: loading CLIP ViT-B-32 (random weights)")
+    assert sum(line.startswith("naclip.figures: image ") for line in progress) == 2
     expected = ["attention_00_synthetic_000.png", "attention_01_synthetic_001.png", "qualitative.png"]
     assert proc.stdout.split() == [str(tmp_path / name) for name in expected]
     for name in expected:
         with Image.open(tmp_path / name) as png:
             assert png.format == "PNG" and min(png.size) > 100
     bad = subprocess.run(
-        [sys.executable, str(script), "--dataset", "nope", "--pretrained", "null"],
+        [sys.executable, "-m", "naclip.figures", "--dataset", "nope", "--pretrained", "null"],
         capture_output=True,
         text=True,
         timeout=300,
     )
-    assert bad.returncode == 2 and bad.stderr.startswith("figures: error: ") and "nope" in bad.stderr
+    assert bad.returncode == 2 and bad.stderr.startswith("naclip.figures: error: ") and "nope" in bad.stderr
+
+
+def test_figures_weights_hint_names_its_own_flag(monkeypatch, capsys):
+    """naclip.figures has no backbone.pretrained key: its error must name --pretrained."""
+    from naclip import clip, figures
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # weights not cached and downloads off: fails before any model exists
+    monkeypatch.setattr(clip, "_cached_hf_file", lambda hf_hub: None)
+    assert figures.main(["--dataset", "synthetic", "--backbone", "b32", "--pretrained", "openai"]) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[-1].startswith("naclip.figures: error: could not download CLIP weights ViT-B-32/openai")
+    assert "--pretrained null" in lines[-1] and "backbone.pretrained" not in lines[-1]

@@ -12,6 +12,7 @@ from naclip.data.catalog import (
     SegmentationDataset,
     build_dataset,
     collate,
+    display_names,
     list_class_names,
     load_class_names,
 )
@@ -24,6 +25,7 @@ __all__ = [
     "SegmentationDataset",
     "build_dataset",
     "collate",
+    "display_names",
     "list_class_names",
     "list_layouts",
     "load_class_names",

@@ -23,6 +23,7 @@ from naclip.data.layouts import Source, build_source
 from naclip.data.transforms import invalid_label_values, reduce_zero_label, resize_image
 
 ON_ERROR_CHOICES: tuple[str, ...] = ("raise", "skip")
+BACKGROUND = "background"
 _REQUIRED_KEYS = ("layout", "class_names", "short_side", "max_long_side")
 
 
@@ -68,6 +69,22 @@ def load_class_names(name_or_path: str) -> list[list[str]]:
     return _parse_class_names(path.read_text(encoding="utf-8"), str(path))
 
 
+def display_names(class_names: list[list[str]], background_index: int | None = None) -> list[str]:
+    """One name per class for tables, result.json, W&B and figures; synonyms stay prompt words only.
+
+    A class's display name is its first synonym, except the dataset's background class (``background_index``,
+    e.g. VOC's class 0 whose prompts are "sky, wall, tree, ..."), which reads "background".
+
+    Example:
+        >>> display_names([["sky", "wall"], ["aeroplane"]], background_index=0)
+        ['background', 'aeroplane']
+    """
+    names = [synonyms[0] for synonyms in class_names]
+    if background_index is not None:
+        names[background_index] = BACKGROUND
+    return names
+
+
 def _one_line(message: str) -> str:
     return " ".join(message.split())
 
@@ -91,12 +108,15 @@ class SegmentationDataset(Dataset):
         short_side: int,
         max_long_side: int,
         on_error: str,
+        background_index: int | None = None,
     ) -> None:
         self.rows = source.rows
         self.reader = source.reader
         self.name = name
         self.class_names = class_names
         self.num_classes = len(class_names)
+        self.background_index = background_index
+        self.display_names = display_names(class_names, background_index)
         self.ignore_index = ignore_index
         self.reduce_zero_label = reduce_zero_label
         self.short_side = short_side
@@ -172,8 +192,8 @@ def build_dataset(cfg: Mapping[str, Any], on_error: str = "raise") -> Segmentati
             ``dataset.on_error`` (the dataset itself never raises from ``__getitem__``).
 
     Returns:
-        A torch Dataset of dict samples, with ``class_names``, ``num_classes``, ``ignore_index``, ``name``
-        and ``on_error`` attributes.
+        A torch Dataset of dict samples, with ``class_names``, ``display_names``, ``num_classes``,
+        ``ignore_index``, ``name`` and ``on_error`` attributes.
 
     Raises:
         DatasetError: bad config, missing root / split file, or no images (one line naming the path and
@@ -200,6 +220,14 @@ def build_dataset(cfg: Mapping[str, Any], on_error: str = "raise") -> Segmentati
     short_side = _int_option(cfg, "short_side", name)
     max_long_side = _int_option(cfg, "max_long_side", name)
     class_names = load_class_names(cfg["class_names"])
+    background_index = cfg.get("background_index")
+    if background_index is not None and (
+        not isinstance(background_index, int) or not 0 <= background_index < len(class_names)
+    ):
+        raise DatasetError(
+            f"{name}: dataset.background_index must be a class index in [0, {len(class_names)}) or null, "
+            f"got {background_index!r}"
+        )
     source = build_source(cfg)
     return SegmentationDataset(
         source,
@@ -210,6 +238,7 @@ def build_dataset(cfg: Mapping[str, Any], on_error: str = "raise") -> Segmentati
         short_side=short_side,
         max_long_side=max_long_side,
         on_error=on_error,
+        background_index=background_index,
     )
 
 

@@ -34,7 +34,7 @@ class Reader(Protocol):
         ...
 
     def image(self, row: dict[str, Any]) -> np.ndarray:
-        """RGB uint8 (H, W, 3)."""
+        """RGB uint8 (H, W, 3); files are decoded by ``read_rgb`` (OpenCV, EXIF orientation applied)."""
         ...
 
     def label(self, row: dict[str, Any]) -> np.ndarray:

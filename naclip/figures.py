@@ -9,9 +9,11 @@
 The dataset is composed from ``conf/config.yaml`` with Hydra's compose API, so any extra ``key=value``
 arguments are config overrides (e.g. ``dataset.root=/data/VOCdevkit/VOC2012``).
 
+Progress (model loading, each image) goes to stderr; stdout lists the written files.
+
 Example:
-    python scripts/figures.py --dataset demo --pretrained openai --out figures/
-    python scripts/figures.py --dataset synthetic --pretrained null --num-images 3 --out /tmp/figs
+    python -m naclip.figures --dataset demo --pretrained openai --out figures/
+    python -m naclip.figures --dataset synthetic --pretrained null --num-images 3 --out /tmp/figs
 """
 
 from __future__ import annotations
@@ -51,12 +53,9 @@ def compose_config(dataset: str, backbone: str, pretrained: str, overrides: list
         )
 
 
-def display_names(class_names: list[list[str]], prob_thd: float) -> list[str]:
-    """First synonym of each class; class 0 reads "background" when the protocol thresholds into it."""
-    names = [synonyms[0] for synonyms in class_names]
-    if prob_thd > 0:  # only datasets whose class 0 is a background class use a probability threshold
-        names[0] = "background"
-    return names
+def _say(message: str) -> None:
+    """A progress line on stderr (stdout holds only the written paths)."""
+    print(f"naclip.figures: {message}", file=sys.stderr, flush=True)
 
 
 def pick_patches(label: Tensor, grid: tuple[int, int], skip: set[int], count: int) -> list[tuple[int, int]]:
@@ -91,6 +90,7 @@ def make_figures(cfg: DictConfig, num_images: int, patches_per_image: int, out: 
     dataset = build_dataset(dataset_cfg, on_error="skip")
     device = auto_device(cfg.backbone.device)
     backbone = cfg.backbone
+    _say(f"loading CLIP {backbone.model} ({backbone.pretrained or 'random weights'}) on {device}")
     model: nn.Module = load_clip(
         backbone.model, backbone.pretrained, device, backbone.precision, quick_gelu=backbone.quick_gelu
     )
@@ -104,14 +104,15 @@ def make_figures(cfg: DictConfig, num_images: int, patches_per_image: int, out: 
         "crop_batch_size": cfg.crop_batch_size,
         "cache_dir": cfg.text_cache_dir,
     }
+    _say(f"building the text classifiers for {len(dataset.class_names)} classes (CLIP and NACLIP)")
     methods = {
         "CLIP": Segmenter(model, dataset.class_names, attention="vanilla", arch="vanilla", **common),
         "NACLIP": Segmenter(model, dataset.class_names, attention="full", arch="reduced", sigma=sigma, **common),
     }
     for segmenter in methods.values():
         segmenter.to(device)
-    names = display_names(dataset.class_names, cfg.dataset.prob_thd)
-    skip = {dataset.ignore_index} | ({0} if cfg.dataset.prob_thd > 0 else set())
+    names = dataset.display_names
+    skip = {dataset.ignore_index} | ({dataset.background_index} if dataset.background_index is not None else set())
     patch = methods["NACLIP"].encoder.patch_size
 
     out.mkdir(parents=True, exist_ok=True)
@@ -121,8 +122,9 @@ def make_figures(cfg: DictConfig, num_images: int, patches_per_image: int, out: 
             break
         sample = dataset[index]
         if sample["error"]:
-            print(f"figures: skipping {sample['name']}: {sample['error']}", file=sys.stderr)
+            print(f"naclip.figures: skipping {sample['name']}: {sample['error']}", file=sys.stderr)
             continue
+        _say(f"image {len(rows) + 1}/{num_images}: {sample['name']} (two segmentations, attention maps)")
         image, label = sample["image"], sample["label"]  # (3, h, w) uint8, (H, W) int64
         x = normalize_images(image.to(device), mean, std)  # (3, h, w)
         size = tuple(label.shape)
@@ -152,7 +154,7 @@ def make_figures(cfg: DictConfig, num_images: int, patches_per_image: int, out: 
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m naclip.figures", description=__doc__.split("\n\n")[0])
     parser.add_argument("--dataset", default="demo", help="a conf/dataset option (demo, synthetic, voc21, ...)")
     parser.add_argument("--backbone", default="b16", help="a conf/backbone option (b16, b32, l14)")
     parser.add_argument("--pretrained", default="openai", help="open_clip tag, local weights file, or null")
@@ -172,8 +174,11 @@ def main(argv: list[str] | None = None) -> int:
         cfg = compose_config(args.dataset, args.backbone, args.pretrained, args.overrides)
         config.validate(cfg)
         written = make_figures(cfg, args.num_images, args.patches_per_image, args.out)
-    except (ValueError, WeightsUnavailableError, HydraException, OmegaConfBaseException) as err:
-        print(f"figures: error: {' '.join(str(err).split())}", file=sys.stderr)
+    except WeightsUnavailableError as err:
+        print(f"naclip.figures: error: {err.hint('--pretrained {}')}", file=sys.stderr)
+        return 2
+    except (ValueError, HydraException, OmegaConfBaseException) as err:
+        print(f"naclip.figures: error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
     for path in written:
         print(path)

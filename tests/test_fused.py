@@ -6,7 +6,6 @@ import json
 import math
 import os
 import re
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -260,31 +259,6 @@ def test_fused_launcher_runs_a_finished_jobs_partner_alone(tmp_path, cache):
     assert proc.stdout.count("skipped (finished result in") == 1
     assert "fused pass" not in proc.stderr + proc.stdout  # one job left to run: it runs alone
     assert len(results(out)) == 2
-
-
-@pytest.mark.slow
-def test_fused_group_under_torchrun_matches_one_process(tmp_path, cache):
-    """Two ranks shard the fused group's images as they shard one job's; the numbers stay those of one process."""
-    sweep = [*SMOKE, "dataset.num_images=3", "attention.sigma=2,6", "refine=none,pamr"]
-    one = cli([*sweep, "hydra/launcher=fused"], tmp_path / "one", cache, OMP_NUM_THREADS="1")  # torchrun's setting
-    assert one.returncode == 0, one.stderr[-3000:]
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    env = {**os.environ, "NACLIP_OUTPUT": str(tmp_path / "two"), "NACLIP_CACHE": str(cache), "WANDB_MODE": "offline",
-           "OMP_NUM_THREADS": "1"}
-    two = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}", "-m",
-         "naclip.run", "-m", *sweep, "hydra/launcher=fused"],
-        capture_output=True, text=True, env=env, timeout=600, check=False,
-    )
-    assert two.returncode == 0, two.stderr[-3000:]
-    want, got = results(tmp_path / "one"), results(tmp_path / "two")
-    assert len(want) == 4 and set(got) == set(want)
-    for name, result in want.items():
-        assert got[name]["world_size"] == 2 and result["world_size"] == 1
-        assert got[name]["num_images"] == result["num_images"] == 3
-        assert (got[name]["miou"], got[name]["per_class_iou"]) == (result["miou"], result["per_class_iou"]), name
 
 
 @pytest.mark.slow

@@ -228,12 +228,12 @@ class Segmenter(nn.Module):
         100-megapixel photo). Bilinear resizing is separable and the width pass comes first, so this resizes
         the width once (Q x H x W' floats, H the small input height), then resizes the height band by band of
         columns, each band at most ``band_bytes`` of logits; every pixel gets exactly the same arithmetic.
-        With PAMR (which needs the whole map) it falls back to the one-shot path.
+        With PAMR or area_thd (both need the whole map) it falls back to the one-shot path.
         """
         logits = self.logits_list([image])[0]  # (Q, H, W)
         height, width = (int(v) for v in out_size)
         per_column = logits.shape[0] * height * 4  # bytes of one full-height column of float32 logits
-        if self.pamr is not None or per_column * width <= band_bytes:
+        if self.pamr is not None or self.area_thd > 0 or per_column * width <= band_bytes:
             return self._labels(self._class_probs(image, logits, (height, width)))
         wide = F.interpolate(logits[None], size=(logits.shape[-2], width), mode="bilinear", align_corners=False)
         labels = torch.empty((height, width), dtype=torch.int64, device=logits.device)

@@ -353,22 +353,27 @@ def test_predict_cli_failure_creates_nothing(tmp_path):
     assert not (tmp_path / "outputs").exists() and list(work.iterdir()) == []
 
 
-@pytest.mark.parametrize("pamr", [False, True])
-def test_label_map_in_bands_equals_one_shot(b32, pamr):
+@pytest.mark.parametrize("post", ["none", "pamr", "area_thd"])
+def test_label_map_in_bands_equals_one_shot(b32, post):
     """Independent formulation: upsample every query logit at once, softmax, max over synonyms, threshold."""
-    torch.manual_seed(1)
+    torch.manual_seed(5 if post == "area_thd" else 1)  # seed 5: random weights predict all three classes
     seg = Segmenter(b32, [["sky", "air"], ["tree"], ["car", "auto", "van"]], slide_crop=64, slide_stride=32,
-                    pamr=pamr, pamr_steps=2, templates=["a photo of a {}."])
+                    pamr=post == "pamr", pamr_steps=2, templates=["a photo of a {}."])
     image = torch.randn(3, 64, 96)
     size = (333, 517)
     logits = seg.logits_list([image])[0]
     up = F.interpolate(logits[None], size=size, mode="bilinear", align_corners=False)[0]
     probs = (seg.logit_scale * up).softmax(dim=0)
     per_class = torch.stack([probs[[0, 1]].amax(0), probs[2], probs[[3, 4, 5]].amax(0)])
+    if post == "area_thd":  # the whole map's areas decide: the smaller foreground class is zeroed everywhere
+        areas = torch.bincount(per_class.argmax(0).flatten(), minlength=3).double()
+        assert areas[1] > 0 and areas[2] > 0, "both foreground classes must be predicted somewhere"
+        seg.area_thd = float(areas[1:].min() / areas[1:].sum())
+        per_class[1 + int(areas[1:].argmin())] = 0
     best, expected = per_class.max(dim=0)
     seg.prob_thd = float(best.quantile(0.3))  # a threshold that sends some pixels to class 0
     expected[best < seg.prob_thd] = 0
-    if pamr:  # PAMR needs the whole map: label_map must fall back to the one-shot path
+    if post == "pamr":  # PAMR needs the whole map: label_map must fall back to the one-shot path
         expected = seg.predict_list([image], [size])[0]
     for band_bytes in (1, 4096, 200_000, 2**40):  # one column per band ... all at once
         got = seg.label_map(image, size, band_bytes=band_bytes)

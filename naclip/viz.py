@@ -181,6 +181,9 @@ def _draw_legend(canvas: Image.Image, entries: Sequence[tuple[str, tuple[int, in
         draw.text((2 * pad + size, top + size / 2), name, fill=(0, 0, 0), font=font, anchor="lm")
 
 
+_BLEND_ROWS = 512  # rows blended at a time by overlay()
+
+
 def overlay(
     image: ArrayLike | Image.Image,
     labels: ArrayLike,
@@ -209,10 +212,14 @@ def overlay(
     if label_map.size and (label_map.min() < 0 or label_map.max() > 255):
         raise ValueError(f"labels must lie in [0, 255] to be coloured, got [{label_map.min()}, {label_map.max()}]")
     colours = class_colours(class_names)
-    mask = colours[label_map].astype(np.float32)  # (H, W, 3)
-    blended = (1.0 - alpha) * pixels.astype(np.float32) + alpha * mask
-    out = Image.fromarray(np.clip(np.rint(blended), 0, 255).astype(np.uint8))
-    present = [int(c) for c in np.unique(label_map) if c < len(class_names)]
+    blended = np.empty(pixels.shape, dtype=np.uint8)  # (H, W, 3)
+    for y in range(0, pixels.shape[0], _BLEND_ROWS):  # row bands: float copies of a huge photo stay small
+        rows = slice(y, y + _BLEND_ROWS)
+        mixed = (1.0 - alpha) * pixels[rows].astype(np.float32) + alpha * colours[label_map[rows]].astype(np.float32)
+        blended[rows] = np.clip(np.rint(mixed), 0, 255)
+    out = Image.fromarray(blended)
+    counts = np.bincount(label_map.ravel(), minlength=len(class_names)) if label_map.size else np.zeros(0, int)
+    present = [c for c in range(min(len(class_names), len(counts))) if counts[c]]
     if legend and present:
         _draw_legend(out, [(str(class_names[c]), tuple(int(v) for v in colours[c])) for c in present])
     return np.asarray(out)

@@ -253,7 +253,7 @@ def test_prior_closed_form_and_cache():
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"attention": "qq"}, "valid choices"),
+        ({"attention": "qk_sim"}, "valid choices"),
         ({"arch": "tiny"}, "valid choices"),
         ({"attention": "full", "sigma": 0.0}, "sigma"),
         ({"attention": "n_only", "sigma": -1.0}, "sigma"),

@@ -136,7 +136,7 @@ def run(cfg: DictConfig, out_dir: Path | None = None) -> list[Path]:
         try:
             pixels = read_image(path)  # (3, H, W) uint8
             x = prepare_image(pixels, mean, std, device, cfg.short_side, cfg.max_long_side)  # (3, h, w)
-            labels = segmenter.label_map(x, tuple(pixels.shape[-2:])).to(torch.uint8).cpu()  # (H, W), <= 256 classes
+            labels = segmenter.label_map(x, tuple(pixels.shape[-2:]), dtype=torch.uint8).cpu()  # (H, W), <= 256 classes
         except (ValueError, OSError, Image.DecompressionBombError) as err:
             message = " ".join(str(err).split())
             failed.append(message if str(path) in message else f"{path}: {message}")

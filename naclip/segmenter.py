@@ -221,22 +221,25 @@ class Segmenter(nn.Module):
         return [self._labels(self._class_probs(im, lg, size)) for im, lg, size in triples]
 
     @torch.no_grad()
-    def label_map(self, image: Tensor, out_size: tuple[int, int], band_bytes: int = 2**27) -> Tensor:
-        """Label map (H', W') int64 of one (3, H, W) image at out_size, same labels as :meth:`predict_list`.
+    def label_map(
+        self, image: Tensor, out_size: tuple[int, int], band_bytes: int = 2**27, dtype: torch.dtype = torch.int64
+    ) -> Tensor:
+        """Label map (H', W') of one (3, H, W) image at out_size, same labels as :meth:`predict_list`.
 
         Upsampling all query logits to a large out_size at once costs Q x H' x W' floats (several GB for a
         100-megapixel photo). Bilinear resizing is separable and the width pass comes first, so this resizes
         the width once (Q x H x W' floats, H the small input height), then resizes the height band by band of
         columns, each band at most ``band_bytes`` of logits; every pixel gets exactly the same arithmetic.
-        With PAMR or area_thd (both need the whole map) it falls back to the one-shot path.
+        With PAMR or area_thd (both need the whole map) it falls back to the one-shot path. ``dtype`` (e.g. uint8
+        for at most 256 classes) keeps the full-size map itself small.
         """
         logits = self.logits_list([image])[0]  # (Q, H, W)
         height, width = (int(v) for v in out_size)
         per_column = logits.shape[0] * height * 4  # bytes of one full-height column of float32 logits
         if self.pamr is not None or self.area_thd > 0 or per_column * width <= band_bytes:
-            return self._labels(self._class_probs(image, logits, (height, width)))
+            return self._labels(self._class_probs(image, logits, (height, width))).to(dtype)
         wide = F.interpolate(logits[None], size=(logits.shape[-2], width), mode="bilinear", align_corners=False)
-        labels = torch.empty((height, width), dtype=torch.int64, device=logits.device)
+        labels = torch.empty((height, width), dtype=dtype, device=logits.device)
         step = max(1, band_bytes // per_column)
         for x0 in range(0, width, step):
             band = wide[..., x0 : x0 + step]  # (1, Q, H, w) -> height pass only (width scale 1 is exact)

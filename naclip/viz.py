@@ -165,20 +165,24 @@ def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
     return ImageFont.load_default(size=size)
 
 
-def _draw_legend(canvas: Image.Image, entries: Sequence[tuple[str, tuple[int, int, int]]]) -> None:
-    """Swatch + name per entry in a light box at the top-left, clipped by the image (size never changes)."""
-    width, height = canvas.size
+def _draw_legend(pixels: np.ndarray, entries: Sequence[tuple[str, tuple[int, int, int]]]) -> None:
+    """Swatch + name per entry in a light box at the top-left of an (H, W, 3) uint8 array, drawn in place and
+    clipped by the image. Only the box's corner of the image goes through PIL, so a huge photo is not copied."""
+    height, width = pixels.shape[:2]
     size = int(np.clip(round(min(width, height) / 28), 8, 22))
     font, pad, gap = _font(size), max(2, size // 4), max(1, size // 6)
     line = size + gap
     text_width = max(int(np.ceil(font.getlength(name))) for name, _ in entries)
     box = (0, 0, min(width - 1, 2 * pad + size + pad + text_width), min(height - 1, pad + line * len(entries)))
+    corner = (slice(0, min(height, box[3] + size)), slice(0, min(width, box[2] + size)))  # box + glyph overhang
+    canvas = Image.fromarray(pixels[corner])
     draw = ImageDraw.Draw(canvas, "RGBA")
     draw.rectangle(box, fill=(255, 255, 255, 190))
     for i, (name, colour) in enumerate(entries):
         top = pad + i * line
         draw.rectangle((pad, top, pad + size, top + size - 1), fill=tuple(colour), outline=(0, 0, 0))
         draw.text((2 * pad + size, top + size / 2), name, fill=(0, 0, 0), font=font, anchor="lm")
+    pixels[corner] = np.asarray(canvas)
 
 
 _BLEND_ROWS = 512  # rows blended at a time by overlay()
@@ -213,16 +217,17 @@ def overlay(
         raise ValueError(f"labels must lie in [0, 255] to be coloured, got [{label_map.min()}, {label_map.max()}]")
     colours = class_colours(class_names)
     blended = np.empty(pixels.shape, dtype=np.uint8)  # (H, W, 3)
-    for y in range(0, pixels.shape[0], _BLEND_ROWS):  # row bands: float copies of a huge photo stay small
+    counts = np.zeros(len(class_names), dtype=np.int64)  # pixels per class, for the legend
+    for y in range(0, pixels.shape[0], _BLEND_ROWS):  # row bands: float and int64 copies of a huge photo stay small
         rows = slice(y, y + _BLEND_ROWS)
         mixed = (1.0 - alpha) * pixels[rows].astype(np.float32) + alpha * colours[label_map[rows]].astype(np.float32)
         blended[rows] = np.clip(np.rint(mixed), 0, 255)
-    out = Image.fromarray(blended)
-    counts = np.bincount(label_map.ravel(), minlength=len(class_names)) if label_map.size else np.zeros(0, int)
-    present = [c for c in range(min(len(class_names), len(counts))) if counts[c]]
+        band = np.bincount(label_map[rows].ravel(), minlength=len(class_names))
+        counts += band[: len(class_names)]
+    present = [c for c in range(len(class_names)) if counts[c]]
     if legend and present:
-        _draw_legend(out, [(str(class_names[c]), tuple(int(v) for v in colours[c])) for c in present])
-    return np.asarray(out)
+        _draw_legend(blended, [(str(class_names[c]), tuple(int(v) for v in colours[c])) for c in present])
+    return blended
 
 
 def palette_png(labels: ArrayLike, path: str | os.PathLike, class_names: Sequence[str] | None = None) -> Path:

@@ -6,6 +6,7 @@ import os
 
 import pytest
 import torch
+from hydra.core.global_hydra import GlobalHydra
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
@@ -27,3 +28,14 @@ def b16() -> torch.nn.Module:
 @pytest.fixture(scope="session")
 def b32() -> torch.nn.Module:
     return _model("ViT-B-32")
+
+
+@pytest.fixture
+def isolated_env(tmp_path, monkeypatch):
+    """Outputs, text cache and data under tmp_path, W&B offline; Hydra's global state cleared afterwards."""
+    monkeypatch.setenv("NACLIP_OUTPUT", str(tmp_path / "outputs"))
+    monkeypatch.setenv("NACLIP_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("NACLIP_DATA", str(tmp_path / "data"))
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    yield
+    GlobalHydra.instance().clear()

@@ -25,14 +25,7 @@ CONF = Path(config.config_dir())
 SMOKE = ["dataset=synthetic", "backbone=b32", "backbone.pretrained=null", "num_workers=0", "dataset.num_images=3"]
 
 
-@pytest.fixture(autouse=True)
-def _isolated(tmp_path, monkeypatch):
-    monkeypatch.setenv("NACLIP_OUTPUT", str(tmp_path / "outputs"))
-    monkeypatch.setenv("NACLIP_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setenv("NACLIP_DATA", str(tmp_path / "data"))
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    yield
-    GlobalHydra.instance().clear()
+pytestmark = pytest.mark.usefixtures("isolated_env")
 
 
 def compose_run(overrides: list[str], hydra_cfg: bool = False):

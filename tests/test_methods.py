@@ -412,4 +412,6 @@ def test_misspelt_protocol_is_one_clear_error(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("naclip.run: error: unknown protocol 'shard'")
     assert "sclip_voc21" in proc.stderr and "shared" in proc.stderr
-    assert not list((tmp_path / "out").rglob("*.json"))
+    assert not list((tmp_path / "out").rglob("result.json"))  # the failed job records only its status.json
+    (status,) = (tmp_path / "out").rglob("status.json")
+    assert json.loads(status.read_text())["status"] == "failed"

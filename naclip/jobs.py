@@ -121,6 +121,11 @@ def log_to_files(message: str, logger: str = "naclip") -> None:
             handler.handle(record)
 
 
+def preset_refusal(preset: str, app: str = "naclip.run") -> str:
+    """Why an experiment preset cannot run without -m: presets are sweeps, so Hydra would run one default job."""
+    return f"+experiment={preset} is a sweep; add -m: python -m {app} -m +experiment={preset}"
+
+
 def check_writable(folder: str | os.PathLike) -> str | None:
     """None if files can be created in ``folder`` (made if missing), else the reason in one line."""
     path = Path(folder)
@@ -148,6 +153,10 @@ class JobSummary(Callback):
             raise SystemExit(BAD_INPUT_EXIT)
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        preset = config.hydra.runtime.choices.get("experiment")
+        if preset is not None:  # refused before Hydra makes the job's folder
+            print(f"{self.app}: error: {preset_refusal(preset, self.app)}", file=sys.stderr, flush=True)
+            raise SystemExit(BAD_INPUT_EXIT)
         HydraConfig.instance().set_config(config)  # the run dir may use ${hydra:...}; run_job sets it next anyway
         self._require_writable(str(config.hydra.run.dir))
 

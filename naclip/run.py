@@ -114,7 +114,7 @@ def _refuse_preset_without_multirun() -> None:
     hydra_cfg = HydraConfig.get()
     preset = hydra_cfg.runtime.choices.get("experiment")
     if preset is not None and hydra_cfg.mode == RunMode.RUN:
-        raise ValueError(f"+experiment={preset} is a sweep; add -m: python -m naclip.run -m +experiment={preset}")
+        raise ValueError(jobs.preset_refusal(preset))
 
 
 def _wandb_sink(cfg: DictConfig, out_dir: Path, resolved: dict[str, Any], class_names: list[str]) -> WandbSink:

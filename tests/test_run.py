@@ -401,6 +401,6 @@ def test_offline_weights_fail_after_one_connection_attempt(monkeypatch):
 
 @pytest.mark.slow
 def test_cli_unknown_option_lists_choices(tmp_path):
-    proc = cli(["attention=qq"], tmp_path)
+    proc = cli(["attention=zz_unknown"], tmp_path)
     assert proc.returncode != 0
     assert "full" in proc.stderr and "kk_sim" in proc.stderr

@@ -180,6 +180,18 @@ def load_backbone(cfg: Any, device: str, timings: dict[str, float] | None = None
     return model
 
 
+def method_spec(cfg: Any) -> tuple[str | None, dict[str, Any]]:
+    """The registered method a config selects and its options (the top-level node named after it, e.g.
+    ``resclip.base``); (None, {}) for the presets that only set the last block's attention and arch."""
+    from naclip.methods import list_methods
+
+    name = cfg.get("method")
+    if name not in list_methods():
+        return None, {}
+    node = cfg.get(name)
+    return name, (OmegaConf.to_container(node, resolve=True) if node is not None else {})
+
+
 def build_segmenter(
     cfg: Any,
     class_names: list[list[str]],
@@ -203,9 +215,12 @@ def build_segmenter(
         model = load_backbone(cfg, device, timings)
     log.info("building the text classifier for %d classes", len(class_names))
     loaded = time.perf_counter()
+    method, options = method_spec(cfg)
     segmenter = Segmenter(
         model,
         class_names,
+        method=method,
+        method_options=options,
         attention=cfg.attention.name,
         arch=cfg.arch.name,
         sigma=cfg.attention.sigma,

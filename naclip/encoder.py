@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -19,6 +22,20 @@ ARCHS: dict[str, str] = {
     "vanilla": "Z = Z + SA(LN1(Z)); Z = Z + MLP(LN2(Z)): CLIP's block",
     "reduced": "Z = SA(LN1(Z)): no residual, no feed-forward (paper eq. 16)",
 }
+
+
+@dataclass(frozen=True)
+class Taps:
+    """What a method needs from the shared trunk pass besides its final tokens: block indices (non-negative).
+
+    ``inputs``: the tokens entering these blocks; ``qkv``: these blocks' own per-head q, k, v.
+    """
+
+    inputs: frozenset[int] = frozenset()
+    qkv: frozenset[int] = frozenset()
+
+    def __or__(self, other: Taps) -> Taps:
+        return Taps(self.inputs | other.inputs, self.qkv | other.qkv)
 
 
 def list_archs() -> list[str]:
@@ -125,23 +142,69 @@ class DenseEncoder(nn.Module):
         x = torch.cat([cls, x], dim=1) + pos.to(x.dtype)  # (B, 1+N, C)
         return visual.ln_pre(visual.patch_dropout(x)), grid
 
-    def trunk(self, x: Tensor) -> Tensor:
-        """All encoder blocks but the last, unchanged (batch-first in and out)."""
+    @property
+    def blocks(self) -> nn.ModuleList:
+        """The tower's encoder blocks, first to last."""
+        return self.visual.transformer.resblocks
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.blocks)
+
+    def block_index(self, block: int) -> int:
+        """A block index as a non-negative number (negative counts from the last block)."""
+        index = block + self.num_blocks if block < 0 else block
+        if not 0 <= index < self.num_blocks:
+            raise ValueError(f"block {block} does not exist: the tower has {self.num_blocks} blocks")
+        return index
+
+    def run_blocks(self, x: Tensor, start: int = 0, stop: int | None = None, taps: Taps | None = None,
+                   state: dict[str, dict[int, Any]] | None = None) -> Tensor:
+        """Blocks start..stop-1 unchanged (batch-first in and out); default stop: all but the last block.
+
+        With ``taps``, ``state["inputs"][i]`` receives the tokens entering each tapped block i and
+        ``state["qkv"][i]`` that block's own per-head (q, k, v), each computed once in this pass.
+        """
+        stop = self.num_blocks - 1 if stop is None else stop
         transformer = self.visual.transformer
         batch_first = getattr(transformer, "batch_first", True)
-        x = x if batch_first else x.transpose(0, 1)
-        for block in transformer.resblocks[:-1]:
-            x = block(x)
-        return x if batch_first else x.transpose(0, 1)
+        for i in range(start, stop):
+            if taps is not None and state is not None:
+                if i in taps.inputs:
+                    state["inputs"][i] = x
+                if i in taps.qkv:
+                    state["qkv"][i] = self.qkv(x, block=i)
+            block = self.blocks[i]
+            x = block(x) if batch_first else block(x.transpose(0, 1)).transpose(0, 1)
+        return x
 
-    def qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Per-head q, k, v (B, h, N, d) of the last block from its input Z^(L-1)."""
-        attn = self.visual.transformer.resblocks[-1].attn
-        block = self.visual.transformer.resblocks[-1]
+    def trunk(self, x: Tensor) -> Tensor:
+        """All encoder blocks but the last, unchanged (batch-first in and out)."""
+        return self.run_blocks(x)
+
+    def qkv(self, x: Tensor, block: int = -1) -> tuple[Tensor, Tensor, Tensor]:
+        """Per-head q, k, v (B, h, N, d) of one block's attention (default the last) from that block's input."""
+        blk = self.blocks[block]
+        attn = blk.attn
         b, n, c = x.shape
-        qkv = F.linear(block.ln_1(x), attn.in_proj_weight, attn.in_proj_bias)  # (B, N, 3C)
+        qkv = F.linear(blk.ln_1(x), attn.in_proj_weight, attn.in_proj_bias)  # (B, N, 3C)
         qkv = qkv.reshape(b, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
         return qkv[0], qkv[1], qkv[2]
+
+    def attn_proj(self, out: Tensor, block: int = -1) -> Tensor:
+        """One block's output projection of per-head attention outputs (B, h, N, d) → (B, N, C)."""
+        b, h, n, d = out.shape
+        return self.blocks[block].attn.out_proj(out.transpose(1, 2).reshape(b, n, h * d))
+
+    def block_tail(self, x: Tensor, attn_out: Tensor, block: int = -1) -> Tensor:
+        """The rest of a standard block after its attention: residual, then the residual feed-forward."""
+        blk = self.blocks[block]
+        x = x + blk.ls_1(attn_out)
+        return x + blk.ls_2(blk.mlp(blk.ln_2(x)))
+
+    def project(self, x: Tensor) -> Tensor:
+        """Final norm and projection into the joint image-text space: (B, T, C) → (B, T, D)."""
+        return self.visual.ln_post(x) @ self.visual.proj
 
     def prior(self, grid: tuple[int, int], x: Tensor) -> Tensor | None:
         if self.sigma is None:
@@ -150,22 +213,16 @@ class DenseEncoder(nn.Module):
 
     def last_block(self, x: Tensor, grid: tuple[int, int]) -> Tensor:
         """NACLIP's last block: modified self-attention, then CLIP's or the reduced architecture."""
-        block = self.visual.transformer.resblocks[-1]
         q, k, v = self.qkv(x)
-        out = attend(self.variant, q, k, v, self.prior(grid, x))  # (B, h, N, d)
-        out = block.attn.out_proj(out.transpose(1, 2).reshape(x.shape))  # (B, N, C)
-        if self.arch == "reduced":
-            return out
-        x = x + block.ls_1(out)
-        return x + block.ls_2(block.mlp(block.ln_2(x)))
+        out = self.attn_proj(attend(self.variant, q, k, v, self.prior(grid, x)))  # (B, N, C)
+        return out if self.arch == "reduced" else self.block_tail(x, out)
 
     def head(self, x: Tensor, grid: tuple[int, int]) -> Tensor:
         """Modified last block and projection of the trunk's output: patch features (B, rows, cols, D).
 
         Kept apart from :meth:`trunk` so several variants can share one trunk pass (see naclip.fused).
         """
-        x = self.last_block(x, grid)
-        x = self.visual.ln_post(x) @ self.visual.proj  # (B, 1+N, D)
+        x = self.project(self.last_block(x, grid))  # (B, 1+N, D)
         return x[:, 1:].reshape(x.shape[0], grid[0], grid[1], -1)
 
     def forward(self, images: Tensor) -> Tensor:

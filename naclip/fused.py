@@ -7,6 +7,8 @@ embedding and blocks 1..L-1 on the same crops; only the last block, the head and
 
 from __future__ import annotations
 
+import functools
+import operator
 import os
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -83,20 +85,22 @@ class FusedSegmenter(nn.Module):
     def logits_list(self, images: Sequence[Tensor]) -> list[list[Tensor]]:
         """Cosine logits: result[v][i] is variant v's (Q_v, H, W) logits of image i.
 
-        Each chunk's trunk output is dropped as soon as every variant has run its head on it, so memory
-        grows with the variants only by their own per-image logits.
+        The trunk runs once per chunk with the union of the variants' taps; each variant's head reads the
+        same trunk state (and its shared per-chunk cache). Each chunk's state is dropped as soon as every
+        variant has run its head on it, so memory grows with the variants only by their own per-image logits.
         """
         first: Segmenter = self.variants[0]
         for image in images:
             check_images(image[None], first.encoder.patch_size)
-        crops, owners = first._crops(images)
+        taps = functools.reduce(operator.or_, (v.taps for v in self.variants))
+        crops, owners = first.crops(images)
         accumulators = [LogitsAccumulator(images, owners, len(v.query_names)) for v in self.variants]
-        for chunk in first._chunks(crops):
-            x, grid = first._trunk(torch.stack([crops[i] for i in chunk]))
+        for chunk in first.chunks(crops):
+            state = first.trunk(torch.stack([crops[i] for i in chunk]), taps)
             for variant, accumulator in zip(self.variants, accumulators, strict=True):
-                for i, lg in zip(chunk, variant._head(x, grid), strict=True):
+                for i, lg in zip(chunk, variant.head(state), strict=True):
                     accumulator.add(i, lg)
-            del x
+            del state
         return [accumulator.result() for accumulator in accumulators]
 
     @torch.no_grad()
@@ -110,7 +114,7 @@ class FusedSegmenter(nn.Module):
         logits = self.logits_list(images)
         out = []
         for v, variant in enumerate(self.variants):
-            out.append(variant._predict_from_logits(images, logits[v], out_sizes))
+            out.append(variant.predict_from_logits(images, logits[v], out_sizes))
             logits[v] = []  # this variant's full-size logits are no longer needed
         return out
 

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import os
 from collections import defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from naclip.encoder import DenseEncoder, check_images
+from naclip.encoder import DenseEncoder, Taps, check_images
+from naclip.methods import Method, TrunkState, build_method
 from naclip.pamr import PAMR
 from naclip.text import Template, text_classifier
 
@@ -70,6 +72,13 @@ class Segmenter(nn.Module):
         pamr_steps, pamr_dilations: PAMR iterations and dilations.
         crop_batch_size: sliding-window crops per encoder forward.
         cache_dir: on-disk cache of text classifiers (None = no cache).
+        method: a registered method (:func:`naclip.methods.list_methods`) or a built :class:`naclip.methods.Method`;
+            None = the last-block method given by attention, arch and sigma.
+        method_options: keyword arguments of the named method's factory.
+
+    The pipeline's stages are public so that :class:`naclip.FusedSegmenter` runs the same ones for many
+    variants: :meth:`crops` → :meth:`chunks` → :meth:`trunk` (embedding, blocks 1..L-1, taps) → :meth:`head`
+    (the method's own part, cosine logits) → :class:`LogitsAccumulator` → :meth:`class_probs` → :meth:`labels`.
 
     Images given to every method are CLIP-normalized float tensors (B, 3, H, W).
 
@@ -97,6 +106,8 @@ class Segmenter(nn.Module):
         crop_batch_size: int = 64,
         cache_dir: str | os.PathLike | None = None,
         area_thd: float | None = None,
+        method: str | Method | None = None,
+        method_options: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         if area_thd is not None and not 0.0 <= float(area_thd) < 1.0:
@@ -106,6 +117,12 @@ class Segmenter(nn.Module):
         if crop_batch_size < 1:
             raise ValueError(f"crop_batch_size must be >= 1, got {crop_batch_size}")
         self.encoder = DenseEncoder(model, attention=attention, arch=arch, sigma=sigma)
+        if isinstance(method, Method):
+            if method_options:
+                raise ValueError("method_options go with a method name, not a built Method")
+            self.method = method
+        else:
+            self.method = build_method(method, self.encoder, **dict(method_options or {}))
         self.class_names = normalize_class_names(class_names)
         self.query_names = [name for names in self.class_names for name in names]
         query_class = [c for c, names in enumerate(self.class_names) for _ in names]
@@ -122,21 +139,28 @@ class Segmenter(nn.Module):
     def num_classes(self) -> int:
         return len(self.class_names)
 
-    def _trunk(self, crops: Tensor) -> tuple[Tensor, tuple[int, int]]:
-        """The part every configuration of one backbone shares: embedding and blocks 1..L-1, (n, 1+N, C)."""
+    @property
+    def taps(self) -> Taps:
+        """What this segmenter's method needs from the trunk pass."""
+        return self.method.taps
+
+    def trunk(self, crops: Tensor, taps: Taps | None = None) -> TrunkState:
+        """The part every variant of one backbone shares: embedding and blocks 1..L-1, with the taps asked for."""
         x, grid = self.encoder.embed(crops)
-        return self.encoder.trunk(x), grid
+        taps = self.taps if taps is None else taps
+        tapped: dict[str, dict[int, Any]] = {"inputs": {}, "qkv": {}}
+        x = self.encoder.run_blocks(x, taps=taps, state=tapped)
+        return TrunkState(x, grid, crops, tapped["inputs"], tapped["qkv"])
 
-    def _head(self, x: Tensor, grid: tuple[int, int]) -> Tensor:
-        """This configuration's part: last block, projection, cosine logits (n, Q, rows, cols) of the trunk's output."""
-        feats = F.normalize(self.encoder.head(x, grid).float(), dim=-1)  # (n, rows, cols, D)
-        return (feats @ self.classifier.float().T).permute(0, 3, 1, 2)  # (n, Q, rows, cols)
+    def head(self, state: TrunkState) -> Tensor:
+        """This variant's part: the method on the trunk's state, cosine logits (n, Q, rows, cols)."""
+        return self.method.logits(state, self.classifier)
 
-    def _patch_logits(self, crops: Tensor) -> Tensor:
+    def patch_logits(self, crops: Tensor) -> Tensor:
         """Cosine logits (n, Q, rows, cols) on the crops' patch grid."""
-        return self._head(*self._trunk(crops))
+        return self.head(self.trunk(crops))
 
-    def _crops(self, images: Sequence[Tensor]) -> tuple[list[Tensor], list[tuple[int, Window | None]]]:
+    def crops(self, images: Sequence[Tensor]) -> tuple[list[Tensor], list[tuple[int, Window | None]]]:
         """Every crop the encoder sees and its (image index, window); window None = the whole image."""
         if self.slide_crop == 0:
             return list(images), [(idx, None) for idx in range(len(images))]
@@ -147,7 +171,7 @@ class Segmenter(nn.Module):
                 owners.append((idx, win))
         return crops, owners
 
-    def _chunks(self, crops: Sequence[Tensor]) -> Iterator[list[int]]:
+    def chunks(self, crops: Sequence[Tensor]) -> Iterator[list[int]]:
         """Crop indices of each encoder forward: grouped by shape, at most crop_batch_size per chunk."""
         by_shape: dict[tuple[int, int], list[int]] = defaultdict(list)
         for i, crop in enumerate(crops):
@@ -161,15 +185,15 @@ class Segmenter(nn.Module):
 
         Yielded chunk by chunk so that only patch-resolution logits of one chunk are alive at a time.
         """
-        for chunk in self._chunks(crops):
-            yield from zip(chunk, self._patch_logits(torch.stack([crops[i] for i in chunk])), strict=True)
+        for chunk in self.chunks(crops):
+            yield from zip(chunk, self.patch_logits(torch.stack([crops[i] for i in chunk])), strict=True)
 
     @torch.no_grad()
     def logits_list(self, images: Sequence[Tensor]) -> list[Tensor]:
         """Cosine logits (Q, H, W) for images of any sizes, all their crops encoded together."""
         for image in images:
             check_images(image[None], self.encoder.patch_size)
-        crops, owners = self._crops(images)
+        crops, owners = self.crops(images)
         accumulator = LogitsAccumulator(images, owners, len(self.query_names))
         for i, lg in self._encode_grouped(crops):
             accumulator.add(i, lg)
@@ -181,7 +205,7 @@ class Segmenter(nn.Module):
         return torch.stack(self.logits_list(list(images)))
 
     @torch.no_grad()
-    def _class_probs(self, image: Tensor, logits: Tensor, out_size: tuple[int, int] | None) -> Tensor:
+    def class_probs(self, image: Tensor, logits: Tensor, out_size: tuple[int, int] | None) -> Tensor:
         """(C, H', W') probabilities from one image's (Q, H, W) logits: resize, PAMR, softmax, synonym max."""
         logits = logits[None]
         if out_size is not None and tuple(out_size) != tuple(logits.shape[-2:]):
@@ -196,7 +220,7 @@ class Segmenter(nn.Module):
         out = probs.new_zeros((self.num_classes, *probs.shape[-2:]))
         return out.scatter_reduce_(0, index, probs, reduce="amax", include_self=False)  # (C, H', W')
 
-    def _labels(self, probs: Tensor) -> Tensor:
+    def labels(self, probs: Tensor) -> Tensor:
         if self.area_thd > 0:
             probs = suppress_small_classes(probs, self.area_thd)
         best, labels = probs.max(dim=0)
@@ -211,14 +235,14 @@ class Segmenter(nn.Module):
         out_sizes = list(out_sizes) if out_sizes is not None else [None] * len(images)
         if len(out_sizes) != len(images):
             raise ValueError(f"got {len(images)} images but {len(out_sizes)} output sizes")
-        return self._predict_from_logits(images, self.logits_list(images), out_sizes)
+        return self.predict_from_logits(images, self.logits_list(images), out_sizes)
 
-    def _predict_from_logits(
+    def predict_from_logits(
         self, images: Sequence[Tensor], logits: Sequence[Tensor], out_sizes: Sequence[tuple[int, int] | None]
     ) -> list[Tensor]:
         """Label maps from each image's (Q, H, W) logits: this configuration's post-processing and labelling."""
         triples = zip(images, logits, out_sizes, strict=True)
-        return [self._labels(self._class_probs(im, lg, size)) for im, lg, size in triples]
+        return [self.labels(self.class_probs(im, lg, size)) for im, lg, size in triples]
 
     @torch.no_grad()
     def label_map(
@@ -237,26 +261,26 @@ class Segmenter(nn.Module):
         height, width = (int(v) for v in out_size)
         per_column = logits.shape[0] * height * 4  # bytes of one full-height column of float32 logits
         if self.pamr is not None or self.area_thd > 0 or per_column * width <= band_bytes:
-            return self._labels(self._class_probs(image, logits, (height, width))).to(dtype)
+            return self.labels(self.class_probs(image, logits, (height, width))).to(dtype)
         wide = F.interpolate(logits[None], size=(logits.shape[-2], width), mode="bilinear", align_corners=False)
         labels = torch.empty((height, width), dtype=dtype, device=logits.device)
         step = max(1, band_bytes // per_column)
         for x0 in range(0, width, step):
             band = wide[..., x0 : x0 + step]  # (1, Q, H, w) -> height pass only (width scale 1 is exact)
             band = F.interpolate(band, size=(height, band.shape[-1]), mode="bilinear", align_corners=False)
-            labels[:, x0 : x0 + step] = self._labels(self._class_probs(image, band[0], None))
+            labels[:, x0 : x0 + step] = self.labels(self.class_probs(image, band[0], None))
         return labels
 
     @torch.no_grad()
     def probs(self, images: Tensor, out_size: tuple[int, int] | None = None) -> Tensor:
         """Class probabilities (B, C, H', W'): softmax over query names, max over each class's synonyms."""
         logits = self.logits(images)
-        return torch.stack([self._class_probs(im, lg, out_size) for im, lg in zip(images, logits, strict=True)])
+        return torch.stack([self.class_probs(im, lg, out_size) for im, lg in zip(images, logits, strict=True)])
 
     @torch.no_grad()
     def predict(self, images: Tensor, out_size: tuple[int, int] | None = None) -> Tensor:
         """Label maps (B, H', W') int64; below prob_thd → class 0."""
-        return torch.stack([self._labels(p) for p in self.probs(images, out_size)])
+        return torch.stack([self.labels(p) for p in self.probs(images, out_size)])
 
 
 def _upsample(logits: Tensor, size: tuple[int, int]) -> Tensor:

@@ -1,0 +1,74 @@
+"""What a dense method is: the part of the pipeline after the shared trunk, from its state to patch-grid logits.
+
+The pipeline (see :class:`naclip.Segmenter`): crops → embedding → blocks 1..L-1 (the trunk, shared by every
+variant of a fused sweep, with the taps the methods declared) → the method's own part → head (cosine logits
+against the text classifier) → accumulation over windows → post-processing → labels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from naclip.encoder import DenseEncoder, Taps
+
+
+@dataclass
+class TrunkState:
+    """One chunk of crops after the shared trunk. Methods read it and never modify its tensors in place.
+
+    Attributes:
+        x: tokens entering the last block, (n, 1+N, C).
+        grid: (rows, cols) of the patch grid.
+        crops: the CLIP-normalized crops themselves, (n, 3, h, w) (for methods with a second vision model).
+        inputs: block index → tokens entering that block, for every tapped block.
+        qkv: block index → that block's own per-head (q, k, v), each (n, h, 1+N, d), for every tapped block.
+        cache: per-chunk results that several variants share (e.g. a second model's features), by key.
+    """
+
+    x: Tensor
+    grid: tuple[int, int]
+    crops: Tensor
+    inputs: dict[int, Tensor] = field(default_factory=dict)
+    qkv: dict[int, tuple[Tensor, Tensor, Tensor]] = field(default_factory=dict)
+    cache: dict[str, Any] = field(default_factory=dict)
+
+
+def cosine_logits(features: Tensor, classifier: Tensor) -> Tensor:
+    """Cosine similarity of patch features (n, rows, cols, D) with unit text embeddings (Q, D): (n, Q, rows, cols)."""
+    feats = F.normalize(features.float(), dim=-1)
+    return (feats @ classifier.float().T).permute(0, 3, 1, 2)
+
+
+class Method(nn.Module):
+    """A dense method's own part. Subclasses set :attr:`taps` and implement :meth:`features` (or :meth:`logits`
+    when the text classifier enters before the cosine, e.g. feature surgery or text refinement).
+
+    Args:
+        encoder: the tower's stages (embedding, blocks, q/k/v, projection) the method computes with.
+    """
+
+    taps: Taps = Taps()
+
+    def __init__(self, encoder: DenseEncoder) -> None:
+        super().__init__()
+        self.encoder = encoder
+
+    def features(self, state: TrunkState) -> Tensor:
+        """Projected, unnormalized patch features (n, rows, cols, D)."""
+        raise NotImplementedError(f"{type(self).__name__} implements neither features nor logits")
+
+    def logits(self, state: TrunkState, classifier: Tensor) -> Tensor:
+        """Patch-grid logits (n, Q, rows, cols) against the unit text embeddings (Q, D)."""
+        return cosine_logits(self.features(state), classifier)
+
+
+class LastBlock(Method):
+    """The methods that change only the last block's attention and architecture (NACLIP, CLIP, MaskCLIP, SCLIP,
+    ClearCLIP and registered attentions): the encoder's own attention, arch and σ."""
+
+    def features(self, state: TrunkState) -> Tensor:
+        return self.encoder.head(state.x, state.grid)

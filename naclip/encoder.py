@@ -148,6 +148,11 @@ class DenseEncoder(nn.Module):
         return self.visual.transformer.resblocks
 
     @property
+    def num_prefix_tokens(self) -> int:
+        """Tokens before the patch tokens (the class token); methods slice patches as ``x[:, num_prefix_tokens:]``."""
+        return 1
+
+    @property
     def num_blocks(self) -> int:
         return len(self.blocks)
 
@@ -223,7 +228,7 @@ class DenseEncoder(nn.Module):
         Kept apart from :meth:`trunk` so several variants can share one trunk pass (see naclip.fused).
         """
         x = self.project(self.last_block(x, grid))  # (B, 1+N, D)
-        return x[:, 1:].reshape(x.shape[0], grid[0], grid[1], -1)
+        return x[:, self.num_prefix_tokens :].reshape(x.shape[0], grid[0], grid[1], -1)
 
     def forward(self, images: Tensor) -> Tensor:
         """Projected, unnormalized patch features (B, H//p, W//p, D) of normalized images (B, 3, H, W)."""

@@ -214,7 +214,7 @@ def _cli(tmp_path: Path, *args: str, pretrained: str = "null") -> tuple[subproce
         f"out={out}",
     ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}  # a tag that is not cached fails at once, never waits
-    proc = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    proc = subprocess.run(command, capture_output=True, text=True, env=env)
     return proc, out
 
 

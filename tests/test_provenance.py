@@ -211,7 +211,7 @@ def test_preset_without_multirun_is_refused_before_anything_runs(tmp_path):
 def test_cli_preset_without_multirun_exits_with_one_line(tmp_path):
     env = {**os.environ, "NACLIP_OUTPUT": str(tmp_path / "outputs"), "NACLIP_CACHE": str(tmp_path / "cache")}
     proc = subprocess.run([sys.executable, "-m", "naclip.run", "+experiment=table3"], capture_output=True,
-                          text=True, env=env, timeout=300, check=False)
+                          text=True, env=env, check=False)
     assert proc.returncode == 2
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert lines == ["naclip.run: error: +experiment=table3 is a sweep; add -m: "

@@ -436,7 +436,7 @@ def test_module_runs_as_script(tmp_path):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     done = subprocess.run(
         [sys.executable, "-m", "naclip.tables", "--source", "local", str(tmp_path / "outputs")],
-        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300,
+        capture_output=True, text=True, env=env, cwd=tmp_path,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert "### Table 2 —" in done.stdout and "Traceback" not in done.stderr

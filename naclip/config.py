@@ -102,7 +102,9 @@ class DatasetConfig:
     num_images: int | None = None
     image_size: list[int] | None = None
     seed: int = 0
-    background_index: int | None = None  # the class whose display name is "background" (its synonyms are prompts)
+    # the class whose display name is "background" (its synonyms are prompts); null: 0 where the class-name file's
+    # class 0 is background (naclip.data.catalog.default_background_index), else none
+    background_index: int | None = None
     expected_images: int | None = None  # images the published protocol evaluates on this split
 
 

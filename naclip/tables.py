@@ -22,6 +22,7 @@ import csv
 import json
 import math
 import sys
+import textwrap
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -53,6 +54,7 @@ SIGMA_SWEEP_CHOICES: dict[str, str] = {
     "refine": "none",
 }
 MISSING = "–"
+SIGMA_PLOT = "sigma_sweep.png"  # the plot's file name in --out, replaced by each run (removed when it draws none)
 DAGGER = "†"
 FOOTNOTE = f"{DAGGER} not a full measurement (random weights or a partial split), shown by --include-partial"
 
@@ -527,37 +529,66 @@ def _curve_caveated(results: list[dict], backbone: str, dataset: str) -> bool:
     return any(caveats(r) for r in results if _matches(r, choices))
 
 
-def plot_sigma(results: list[dict], path: str | Path) -> Path | None:
-    """Write the mIoU-vs-σ plot (one line per backbone and dataset) as PNG; ``None`` with a note when empty.
+_BACKBONE_MARKERS = ("o", "s", "^", "D", "v", "P")
 
-    A line drawn from results that are not full measurements is labelled with ``†``.
+
+def sigma_figure(results: list[dict]) -> Any:
+    """The mIoU-vs-σ figure (a matplotlib ``Figure``), or ``None`` when no result is of the swept configuration.
+
+    Colour follows the dataset and the marker the backbone; a (backbone, dataset) measured at one σ only is drawn as
+    a point, not a line. The legend sits beside the axes (never over the data) and the ``†`` footnote, when a line
+    comes from results that are not full measurements, is wrapped under them; save with ``bbox_inches="tight"``.
     """
     curves = sigma_sweep(results)
     if not curves:
-        print("naclip.tables: note: no σ-sweep results (full/reduced/none); plot skipped", file=sys.stderr)
         return None
     # Figure + Agg canvas directly: no pyplot global state, no GUI backend, safe inside notebooks.
+    from matplotlib import colormaps
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
-    fig = Figure(figsize=(6, 4))
+    fig = Figure(figsize=(6.4, 4.0))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
+    datasets = list(dict.fromkeys(d for _, d in curves))
+    backbones = list(dict.fromkeys(b for b, _ in curves))
+    colours = colormaps["tab10"] if len(datasets) <= 10 else colormaps["tab20"]
     marked = False
     for (backbone, dataset), points in curves.items():
         sigmas, mious = zip(*points, strict=True)
         dagger = DAGGER if _curve_caveated(results, backbone, dataset) else ""
         marked = marked or bool(dagger)
         label = f"{BACKBONE_HEADERS.get(backbone, backbone)} {DATASET_COLUMNS.get(dataset, dataset)}{dagger}"
-        ax.plot(sigmas, mious, marker="o", label=label)
+        ax.plot(
+            sigmas,
+            mious,
+            color=colours(datasets.index(dataset)),
+            marker=_BACKBONE_MARKERS[backbones.index(backbone) % len(_BACKBONE_MARKERS)],
+            linestyle="-" if len(points) > 1 else "none",
+            label=label,
+        )
     ax.set_xlabel("σ (Gaussian neighbourhood)")
     ax.set_ylabel("mIoU (%)")
-    ax.set_title("NACLIP: mIoU vs σ" + (f"\n{FOOTNOTE}" if marked else ""), fontsize="medium")
+    ax.set_title("NACLIP: mIoU vs σ")
+    if all(float(sigma).is_integer() for points in curves.values() for sigma, _ in points):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
-    ax.legend(fontsize="small")
-    fig.tight_layout()
+    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, fontsize="small", frameon=False)
+    if marked:
+        fig.text(0.02, 0.01, textwrap.fill(FOOTNOTE, 100), fontsize="x-small", va="bottom", ha="left")
+        fig.subplots_adjust(bottom=0.22)
+    return fig
+
+
+def plot_sigma(results: list[dict], path: str | Path) -> Path | None:
+    """Write the mIoU-vs-σ plot (:func:`sigma_figure`) as PNG; ``None`` with a note when there is nothing to draw."""
+    fig = sigma_figure(results)
+    if fig is None:
+        print("naclip.tables: note: no σ-sweep results (full/reduced/none); plot skipped", file=sys.stderr)
+        return None
     path = Path(path)
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=150, bbox_inches="tight", pad_inches=0.1)
     return path
 
 
@@ -613,7 +644,12 @@ def main(argv: list[str] | None = None) -> int:
     for name, table in tables.items():
         print(f"### {table.title}\n\n{table.to_markdown()}\n")
         table.to_csv(out / f"{name}.csv")
-    plot = plot_sigma(results, out / "sigma_sweep.png")
+    plot_path = out / SIGMA_PLOT
+    plot = plot_sigma(results, plot_path)
+    if plot is None and plot_path.is_file():  # an earlier run's plot beside these tables would not match them
+        plot_path.unlink()
+        print(f"naclip.tables: removed the earlier {SIGMA_PLOT} from {out}: this run has no σ-sweep results",
+              file=sys.stderr)
     written = ", ".join([*(f"{name}.csv" for name in tables), *([plot.name] if plot else [])])
     print(f"wrote {written} to {out}")
     return 0

@@ -278,3 +278,16 @@ def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, case, message):
     assert len(lines) == 1 and lines[0].startswith("naclip.predict: error: ") and message in lines[0], proc.stderr
     assert "Traceback" not in proc.stderr + proc.stdout
     assert not list(out.glob("*.png"))
+
+
+@pytest.mark.parametrize("pretrained", ["null", "openai"])
+def test_overlays_from_random_weights_carry_a_red_mark(tmp_path, monkeypatch, b32, pretrained):
+    monkeypatch.setattr("naclip.clip.load_clip", lambda *args, **kwargs: b32)  # stands in for either weights
+    _write_image(tmp_path / "x.png", 64, 96, block=2)
+    out = tmp_path / "out"
+    run(_cfg(f"image={tmp_path / 'x.png'}", "classes=[sky, tree]", "short_side=64", "slide_crop=0",
+             f"backbone.pretrained={pretrained}"), out)
+    pixels = np.asarray(Image.open(out / "x_overlay.png"))
+    r, g, b = (pixels[-1, :, i].astype(int) for i in range(3))
+    red_bottom_row = bool(((r > 180) & (g < 60) & (b < 60)).all())
+    assert red_bottom_row == (pretrained == "null")

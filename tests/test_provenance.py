@@ -15,7 +15,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import open_dict
+from omegaconf import OmegaConf, open_dict
 from PIL import Image
 
 from naclip import config
@@ -175,6 +175,37 @@ def test_runtime_keys_reuse_a_finished_result_and_wandb_still_logs_it(tmp_path, 
     assert "random-weights" in tags and "dataset:synthetic" in tags
     changed = run_in_process([*SMOKE, "max_images=2"], out)  # changes the result: evaluated again
     assert changed["num_images"] == 2 and changed["finished_at"] >= first["finished_at"]
+
+
+def _finished(folder: Path, overrides: list[str], miou: float) -> None:
+    """A finished result.json as a run of `overrides` leaves it (the resolved config is what reuse compares)."""
+    cfg = compose_run(overrides)
+    folder.mkdir(parents=True)
+    (folder / "result.json").write_text(json.dumps({"miou": miou, "config": OmegaConf.to_container(cfg, resolve=True),
+                                                    "per_class_iou": {}}))
+
+
+def test_defaults_written_out_reuse_the_default_runs_result(tmp_path, capsys, monkeypatch):
+    """`refine=none attention=full` names another folder than the default run but computes the same numbers."""
+    from naclip import run
+
+    runs = tmp_path / "runs"
+    _finished(runs / "default", SMOKE, 41.5)
+    _finished(runs / "max_images=2", [*SMOKE, "max_images=2"], 7.0)  # another result config: never reused
+    monkeypatch.setattr(run, "load_shard", lambda *args: pytest.fail("a finished result was evaluated again"))
+    spelled_out = runs / "attention=full,refine=none"
+    result = run_in_process([*SMOKE, "refine=none", "attention=full", "arch=reduced", "num_workers=1"], spelled_out)
+    assert result["miou"] == 41.5
+    assert f"skipped (finished result in {runs / 'default'}): mIoU 41.50" in capsys.readouterr().out
+    assert not (spelled_out / "result.json").exists()
+
+    def evaluated(*args):
+        raise RuntimeError("evaluated")
+
+    monkeypatch.setattr(run, "load_shard", evaluated)
+    for overrides in ([*SMOKE, "max_images=3"], [*SMOKE, "force=true"]):  # a new result config; force re-runs
+        with pytest.raises(RuntimeError, match="evaluated"):
+            run_in_process(overrides, runs / "new")
 
 
 def test_folder_name_leaves_out_exactly_the_runtime_keys():

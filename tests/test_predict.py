@@ -39,6 +39,45 @@ def _cfg(*overrides: str):
 
 
 # ------------------------------------------------------------------------------------------------ classes
+# method: (attention, arch, short_side, slide_crop, slide_stride, logit_scale, dataset of the protocol's values), as
+# published: SCLIP (Wang et al., ECCV'24) 336 / 224 / 112 / 40, ClearCLIP (Lan et al., ECCV'24) 448 / 448 / 224 / 50
+# on the datasets without a background class; CLIP and MaskCLIP rows of NACLIP's Table 1 use NACLIP's protocol.
+PREDICT_PRESETS = {
+    "naclip": ("full", "reduced", 336, 224, 112, 40.0, "dataset"),
+    "clip": ("vanilla", "vanilla", 336, 224, 112, 40.0, "dataset"),
+    "maskclip": ("value", "reduced", 336, 224, 112, 40.0, "dataset"),
+    "sclip": ("csa", "vanilla", 336, 224, 112, 40.0, "sclip"),
+    "clearclip": ("qq", "reduced", 448, 448, 224, 50.0, "clearclip"),
+}
+
+
+@pytest.mark.parametrize("method", sorted(PREDICT_PRESETS))
+def test_method_presets_bring_their_protocol(method):
+    cfg = _cfg("image=x.png", "classes=[a]", f"method={method}")
+    got = (cfg.attention.name, cfg.arch.name, cfg.short_side, cfg.slide_crop, cfg.slide_stride, cfg.logit_scale,
+           cfg.protocol)
+    assert got == PREDICT_PRESETS[method]
+    assert (cfg.prob_thd, cfg.area_thd) == (0.0, 0.0)
+    mine = _cfg("image=x.png", "classes=[a]", f"method={method}", "short_side=512", "logit_scale=30")
+    assert (mine.short_side, mine.logit_scale) == (512, 30.0)  # the command line wins over the preset
+
+
+def test_help_lists_only_the_groups_predict_accepts():
+    config.register()
+    with initialize_config_dir(config_dir=config.config_dir(), version_base="1.3"):
+        cfg = compose("predict", overrides=["image=x", "classes=[a]"], return_hydra_config=True)
+        template = cfg.hydra.help.template
+        listed = {line.split(":")[0]: line.split(": ")[1].split(", ") for line in template.splitlines()
+                  if ": " in line and line.split(":")[0].isidentifier()}
+        assert set(listed) == {"method", "backbone", "attention", "arch", "refine"}
+        assert listed["method"] == ["clearclip", "clip", "maskclip", "naclip", "sclip"]
+        assert {"full", "kk_sim", "vanilla"} <= set(listed["attention"]) and listed["refine"] == ["none", "pamr"]
+        for group, options in listed.items():  # every listed choice composes
+            for option in options:
+                compose("predict", overrides=["image=x", "classes=[a]", f"{group}={option}"])
+    assert "naclip.predict is powered by Hydra" in template
+
+
 def test_classes_list_with_synonyms_and_background():
     groups, display = resolve_classes(["car", "tree, bush", ["road", "street"]], ["wall", "floor"])
     assert groups == [["wall", "floor"], ["car"], ["tree", "bush"], ["road", "street"]]

@@ -408,9 +408,11 @@ def main(cfg: DictConfig) -> float | None:
 
 
 def report_failure(out_dir: Path, err: BaseException) -> None:
-    """A job ended with a known error: one line on stderr and in its log, the reason in its folder; nothing deleted."""
+    """A job ended with a known error: one line on stderr (from rank 0) and in its log, the reason in its folder;
+    nothing deleted."""
     message = jobs.one_line(err)
-    print(f"naclip.run: error: {message}", file=sys.stderr, flush=True)
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun every rank meets it: one line, once (all logs keep it)
+        print(f"naclip.run: error: {message}", file=sys.stderr, flush=True)
     jobs.log_to_files(message)
     _record(jobs.record_failure, out_dir, message)
 

@@ -170,6 +170,40 @@ def test_slurm_preset_rejects_a_misspelt_key() -> None:
         _hydra_launcher(["hydra/launcher=slurm", "hydra.launcher.partiton=gpu"])
 
 
+def test_slurm_launcher_without_slurm_is_one_line_before_the_sweep(tmp_path, monkeypatch, capsys) -> None:
+    from naclip.jobs import JobSummary
+
+    with initialize_config_dir(config_dir=config.config_dir(), version_base="1.3"):
+        cfg = compose("config", overrides=["hydra/launcher=slurm", f"hydra.sweep.dir={tmp_path / 'sweep'}"],
+                      return_hydra_config=True)
+    monkeypatch.setenv("PATH", str(tmp_path / "bin"))  # no srun here
+    with pytest.raises(SystemExit) as exc:
+        JobSummary().on_multirun_start(cfg)
+    assert exc.value.code == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert lines == ["naclip.run: error: hydra/launcher=slurm needs a SLURM cluster ('srun' is not on PATH); on "
+                     "this machine use hydra/launcher=submitit_local to try the launcher, or hydra/launcher=fused"]
+    assert not (tmp_path / "sweep").exists()
+
+    srun = tmp_path / "bin" / "srun"  # on a cluster the sweep starts
+    srun.parent.mkdir()
+    srun.write_text("#!/bin/sh\n")
+    srun.chmod(0o755)
+    JobSummary().on_multirun_start(cfg)
+    assert (tmp_path / "sweep").is_dir() and capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize(("rank", "printed"), [("0", True), ("1", False)])
+def test_a_known_error_under_torchrun_is_printed_once(tmp_path, monkeypatch, capsys, rank, printed) -> None:
+    """Every rank meets the same bad input; only rank 0 prints its line (each rank's log keeps it)."""
+    from naclip.run import report_failure
+
+    monkeypatch.setenv("RANK", rank)
+    report_failure(tmp_path, ValueError("dataset root /nope does not exist"))
+    expected = ["naclip.run: error: dataset root /nope does not exist"] if printed else []
+    assert capsys.readouterr().err.splitlines() == expected
+
+
 # -- end to end (slow) ----------------------------------------------------------------------------------------
 
 

@@ -239,9 +239,10 @@ def test_preset_without_multirun_is_refused_before_anything_runs(tmp_path):
 
 
 @pytest.mark.slow
-def test_cli_preset_without_multirun_exits_with_one_line(tmp_path):
+@pytest.mark.parametrize("launcher", [[], ["hydra/launcher=fused"]], ids=["basic", "fused"])
+def test_cli_preset_without_multirun_exits_with_one_line(tmp_path, launcher):
     env = {**os.environ, "NACLIP_OUTPUT": str(tmp_path / "outputs"), "NACLIP_CACHE": str(tmp_path / "cache")}
-    proc = subprocess.run([sys.executable, "-m", "naclip.run", "+experiment=table3"], capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", "naclip.run", "+experiment=table3", *launcher], capture_output=True,
                           text=True, env=env, check=False)
     assert proc.returncode == 2
     lines = [line for line in proc.stderr.splitlines() if line.strip()]

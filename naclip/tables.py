@@ -11,7 +11,7 @@ fewer images than the protocol's split) are left out by default, with one line s
 
 CLI::
 
-    python -m naclip.tables --source local outputs/ [--out tables/] [--include-partial]
+    python -m naclip.tables --source local outputs/ [--out tables/] [--include-partial] [--export all.csv]
     python -m naclip.tables --source wandb ENTITY/PROJECT
 """
 
@@ -592,6 +592,49 @@ def plot_sigma(results: list[dict], path: str | Path) -> Path | None:
     return path
 
 
+# ------------------------------------------------------------------------------------------------- export
+EXPORT_COLUMNS: tuple[str, ...] = (
+    "method", "backbone", "attention", "sigma", "arch", "refine", "dataset", "protocol", "miou", "pixel_acc",
+    "num_images", "caveats", "overrides", "finished_at",
+)  # fmt: skip
+
+
+def export_results(results: list[dict], path: str | Path) -> Path:
+    """Every result as one CSV row, its configuration then its numbers (``EXPORT_COLUMNS``).
+
+    The paper tables hold only their own cells; this holds everything else too (plug-in attentions, other σ,
+    backbones or datasets, custom runs), with ``caveats`` naming the results that are not full measurements.
+    """
+
+    def cells(result: dict) -> dict[str, Any]:
+        config = result.get("config") or {}
+        choices = result["choices"]
+        sigma = (config.get("attention") or {}).get("sigma")
+        return {
+            **{key: choices.get(key, "") for key in ("method", "backbone", "attention", "arch", "refine", "dataset")},
+            "sigma": "" if sigma is None else sigma,
+            "protocol": _protocol(result),
+            "miou": f"{result['miou']:.2f}",
+            "pixel_acc": "" if result.get("pixel_acc") is None else f"{result['pixel_acc']:.2f}",
+            "num_images": result.get("num_images", ""),
+            "caveats": "; ".join(caveats(result)),
+            "overrides": " ".join(str(o) for o in result.get("overrides") or []),
+            "finished_at": result.get("finished_at") or "",
+        }
+
+    def order(row: dict[str, Any]) -> tuple:
+        names = tuple(str(row[k]) for k in ("dataset", "backbone", "method", "attention", "arch", "refine", "protocol"))
+        return *names, -1.0 if row["sigma"] == "" else float(row["sigma"]), str(row["finished_at"])
+
+    rows = sorted((cells(r) for r in results), key=order)
+    path = Path(path)
+    with path.open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=EXPORT_COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
 # ---------------------------------------------------------------------------------------------------- CLI
 class _UsageError(Exception):
     """Raised instead of argparse's exit so bad input ends as one stderr line and exit code 2."""
@@ -617,13 +660,19 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help=f"also use results with random weights or on a partial split, marked {DAGGER}",
     )
+    parser.add_argument(
+        "--export",
+        metavar="CSV",
+        help="also write every result found (config -> mIoU, caveats included) to this CSV file, e.g. all.csv",
+    )
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Print Tables 1–4 and the methods table as markdown; write their CSVs and ``sigma_sweep.png`` to ``--out``.
 
-    Results with random weights or on a partial split are left out unless ``--include-partial`` is given.
+    Results with random weights or on a partial split are left out unless ``--include-partial`` is given;
+    ``--export`` writes every result found, whatever the tables use.
     """
     try:
         args = _parse(argv)
@@ -635,6 +684,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"naclip.tables: error: {err}", file=sys.stderr)
         return 2
 
+    if args.export:
+        try:
+            exported = export_results(results, args.export)
+        except OSError as err:
+            print(f"naclip.tables: error: cannot write --export {args.export}: {err.strerror or err}", file=sys.stderr)
+            return 2
+        print(f"naclip.tables: exported {len(results)} results to {exported}", file=sys.stderr)
     results, note = select_results(results, args.include_partial)
     if note:
         print(f"naclip.tables: {note}", file=sys.stderr)

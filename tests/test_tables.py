@@ -580,3 +580,26 @@ def test_sigma_plot_png_is_not_clipped_and_shows_the_footnote(tmp_path):
     assert edges.min() == 255
     bottom = pixels[int(pixels.shape[0] * 0.9) :]  # the footnote's dark text under the x-axis label
     assert (bottom < 128).sum() > 50
+
+
+def test_export_lists_every_result_config_to_miou(tmp_path, capsys):
+    """Plug-in attentions, other σ and random-weight runs are in no paper table; the export has each of them."""
+    runs = tmp_path / "outputs"
+    write_result(runs, dataset="voc21", miou=61.25)
+    write_result(runs, dataset="synthetic", backbone="b32", attention="qq_gauss", sigma=3.0, miou=12.5)
+    write_json(runs, caveated(fake_result(dataset="ade", refine="pamr", sigma=None, miou=7.0), random_weights=True))
+    export = tmp_path / "all.csv"
+    assert main(["--source", "local", str(runs), "--out", str(tmp_path / "t"), "--export", str(export)]) == 0
+    assert f"exported 3 results to {export}" in capsys.readouterr().err
+    with export.open(newline="", encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
+    picked = [(r["dataset"], r["backbone"], r["attention"], r["sigma"], r["refine"], r["miou"], r["caveats"])
+              for r in rows]
+    assert picked == [
+        ("ade", "b16", "full", "", "pamr", "7.00", "random-weights"),
+        ("synthetic", "b32", "qq_gauss", "3.0", "none", "12.50", ""),
+        ("voc21", "b16", "full", "5.0", "none", "61.25", ""),
+    ]
+    assert rows[1]["overrides"] == ("backbone=b32 attention=qq_gauss arch=reduced refine=none dataset=synthetic "
+                                    "logger=local")
+    assert rows[2]["num_images"] == "4" and rows[2]["protocol"] == "dataset"

@@ -131,8 +131,10 @@ def slurm_unavailable(launcher: str) -> str | None:
     """Why a SLURM launcher (its ``_target_``) cannot submit from this machine (no ``srun``), or None."""
     if not launcher.endswith("SlurmLauncher") or shutil.which("srun") is not None:
         return None
-    return ("hydra/launcher=slurm needs a SLURM cluster ('srun' is not on PATH); on this machine use "
-            "hydra/launcher=submitit_local to try the launcher, or hydra/launcher=fused")
+    return (
+        "hydra/launcher=slurm needs a SLURM cluster ('srun' is not on PATH); on this machine use "
+        "hydra/launcher=submitit_local to try the launcher, or hydra/launcher=fused"
+    )
 
 
 def check_writable(folder: str | os.PathLike) -> str | None:

@@ -704,8 +704,10 @@ def main(argv: list[str] | None = None) -> int:
     plot = plot_sigma(results, plot_path)
     if plot is None and plot_path.is_file():  # an earlier run's plot beside these tables would not match them
         plot_path.unlink()
-        print(f"naclip.tables: removed the earlier {SIGMA_PLOT} from {out}: this run has no σ-sweep results",
-              file=sys.stderr)
+        print(
+            f"naclip.tables: removed the earlier {SIGMA_PLOT} from {out}: this run has no σ-sweep results",
+            file=sys.stderr,
+        )
     written = ", ".join([*(f"{name}.csv" for name in tables), *([plot.name] if plot else [])])
     print(f"wrote {written} to {out}")
     return 0

@@ -139,7 +139,7 @@ def resolve_pretrained(name: str, pretrained: str) -> tuple[str, bool]:
 
 def load_clip(
     name: str = "ViT-B-16",
-    pretrained: str | None = None,
+    pretrained: str | None = "openai",
     device: str | torch.device = "cpu",
     precision: Precision = "fp32",
     quick_gelu: bool | None = None,
@@ -148,8 +148,9 @@ def load_clip(
 
     Args:
         name: open_clip model name ("ViT-B-16", "ViT-B-32", "ViT-L-14", ...).
-        pretrained: None for random weights, an open_clip tag ("openai", "laion2b_s34b_b88k", ...) or a path
-            to a local .safetensors/.bin/.pt/.pth file.
+        pretrained: an open_clip tag ("openai", the default, as in :class:`naclip.Predictor` and
+            ``backbone.pretrained``; "laion2b_s34b_b88k", ...), a path to a local .safetensors/.bin/.pt/.pth file,
+            or None for random weights (pipeline checks only).
         device: where the model lives.
         precision: "fp32", "fp16" or "bf16"; half precision runs on CPU and GPU (the authors evaluated in fp16).
         quick_gelu: force QuickGELU on/off; None decides from the weights (OpenAI weights need it).

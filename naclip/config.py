@@ -102,7 +102,9 @@ class DatasetConfig:
     num_images: int | None = None
     image_size: list[int] | None = None
     seed: int = 0
-    background_index: int | None = None  # the class whose display name is "background" (its synonyms are prompts)
+    # the class whose display name is "background" (its synonyms are prompts); null: 0 where the class-name file's
+    # class 0 is background (naclip.data.catalog.default_background_index), else none
+    background_index: int | None = None
     expected_images: int | None = None  # images the published protocol evaluates on this split
 
 
@@ -147,6 +149,8 @@ class RunConfig(MethodConfig):
 
 @dataclass
 class PredictConfig(MethodConfig):
+    method: str = "naclip"  # set by the `method` group, as for naclip.run
+    protocol: str = "dataset"  # set by the method's protocol file (conf/protocol/<method>.yaml): whose values these are
     image: str = MISSING
     classes: Any = MISSING
     background: list[str] = field(default_factory=list)
@@ -295,6 +299,16 @@ def register() -> None:
     cs.store(name="schema_predict", node=PredictConfig)
     if not OmegaConf.has_resolver("naclip.dirname"):
         OmegaConf.register_new_resolver("naclip.dirname", _dirname)
+    if not OmegaConf.has_resolver("naclip.groups"):
+        OmegaConf.register_new_resolver("naclip.groups", _group_options)
+
+
+def _group_options(*groups: str) -> str:
+    """`group: option, ...` per line for these config groups: an app's --help lists only the groups it accepts."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    loader = GlobalHydra.instance().config_loader()
+    return "\n".join(f"{group}: {', '.join(sorted(loader.get_group_options(group)))}" for group in groups)
 
 
 def _check_known_keys(cfg: Any) -> None:

@@ -36,7 +36,7 @@ from naclip import Segmenter, config
 from naclip.clip import WeightsUnavailableError, image_mean_std, load_clip
 from naclip.data import build_dataset
 from naclip.predictor import auto_device, normalize_images
-from naclip.viz import attention_maps, image_grid, overlay, plot_attention
+from naclip.viz import RANDOM_WEIGHTS_NOTE, attention_maps, image_grid, overlay, plot_attention
 
 ATTENTION_VARIANTS = ("vanilla", "kk_sim", "full")
 GRID_TITLES = ["image", "CLIP", "NACLIP", "ground truth"]
@@ -115,6 +115,9 @@ def make_figures(cfg: DictConfig, num_images: int, patches_per_image: int, out: 
     skip = {dataset.ignore_index} | ({dataset.background_index} if dataset.background_index is not None else set())
     patch = methods["NACLIP"].encoder.patch_size
 
+    note = RANDOM_WEIGHTS_NOTE if backbone.pretrained is None else None
+    total = min(num_images, len(dataset))  # "image 1/1" on a one-image dataset, not "1/4"
+
     out.mkdir(parents=True, exist_ok=True)
     written, rows = [], []
     for index in range(len(dataset)):
@@ -124,7 +127,7 @@ def make_figures(cfg: DictConfig, num_images: int, patches_per_image: int, out: 
         if sample["error"]:
             print(f"naclip.figures: skipping {sample['name']}: {sample['error']}", file=sys.stderr)
             continue
-        _say(f"image {len(rows) + 1}/{num_images}: {sample['name']} (two segmentations, attention maps)")
+        _say(f"image {len(rows) + 1}/{total}: {sample['name']} (two segmentations, attention maps)")
         image, label = sample["image"], sample["label"]  # (3, h, w) uint8, (H, W) int64
         x = normalize_images(image.to(device), mean, std)  # (3, h, w)
         size = tuple(label.shape)
@@ -143,12 +146,12 @@ def make_figures(cfg: DictConfig, num_images: int, patches_per_image: int, out: 
         patches = pick_patches(label, grid, skip, patches_per_image)
         maps = attention_maps(model, x, patches, variants=ATTENTION_VARIANTS, arch="reduced", sigma=sigma)
         path = out / f"attention_{len(rows) - 1:02d}_{sample['name']}.png"
-        plot_attention(image, maps, patches, path=path)
+        plot_attention(image, maps, patches, path=path, note=note)
         written.append(path)
     if not rows:
         raise ValueError(f"dataset {dataset.name!r} gave no usable images; check dataset.root and its files")
     grid_path = out / "qualitative.png"
-    image_grid(rows, GRID_TITLES, path=grid_path)
+    image_grid(rows, GRID_TITLES, path=grid_path, note=note)
     written.append(grid_path)
     return written
 

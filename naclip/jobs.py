@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import sys
 import tempfile
 import uuid
@@ -126,6 +127,16 @@ def preset_refusal(preset: str, app: str = "naclip.run") -> str:
     return f"+experiment={preset} is a sweep; add -m: python -m {app} -m +experiment={preset}"
 
 
+def slurm_unavailable(launcher: str) -> str | None:
+    """Why a SLURM launcher (its ``_target_``) cannot submit from this machine (no ``srun``), or None."""
+    if not launcher.endswith("SlurmLauncher") or shutil.which("srun") is not None:
+        return None
+    return (
+        "hydra/launcher=slurm needs a SLURM cluster ('srun' is not on PATH); on this machine use "
+        "hydra/launcher=submitit_local to try the launcher, or hydra/launcher=fused"
+    )
+
+
 def check_writable(folder: str | os.PathLike) -> str | None:
     """None if files can be created in ``folder`` (made if missing), else the reason in one line."""
     path = Path(folder)
@@ -161,6 +172,10 @@ class JobSummary(Callback):
         self._require_writable(str(config.hydra.run.dir))
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        reason = slurm_unavailable(str(config.hydra.launcher.get("_target_", "")))
+        if reason is not None:  # submitit would end in a traceback once the sweep has started
+            print(f"{self.app}: error: {reason}", file=sys.stderr, flush=True)
+            raise SystemExit(BAD_INPUT_EXIT)
         HydraConfig.instance().set_config(config)
         self._require_writable(str(config.hydra.sweep.dir))
         self.sweep_id = uuid.uuid4().hex

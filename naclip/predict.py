@@ -29,7 +29,7 @@ from naclip.clip import WeightsUnavailableError
 from naclip.config import config_dir
 from naclip.data import DatasetError, load_class_names
 from naclip.predictor import auto_device, prepare_image, read_image
-from naclip.viz import overlay, palette_png
+from naclip.viz import mark_random_weights, overlay, palette_png
 
 IMAGE_SUFFIXES: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 BACKGROUND = "background"
@@ -142,6 +142,8 @@ def run(cfg: DictConfig, out_dir: Path | None = None) -> list[Path]:
             failed.append(message if str(path) in message else f"{path}: {message}")
             continue
         blended = overlay(pixels, labels, display, alpha=cfg.alpha)
+        if cfg.backbone.pretrained is None:
+            mark_random_weights(blended)
         for written_path in _save(out_dir, stem, labels, blended, display):
             print(written_path, flush=True)
             written.append(written_path)

@@ -131,35 +131,47 @@ def _wandb_sink(cfg: DictConfig, out_dir: Path, resolved: dict[str, Any], class_
     )
 
 
-def _reuse(cfg: DictConfig, out_dir: Path, previous: dict[str, Any], resolved: dict[str, Any]) -> dict[str, Any]:
+def _reuse(
+    cfg: DictConfig, out_dir: Path, found: tuple[Path, dict[str, Any]], resolved: dict[str, Any]
+) -> dict[str, Any]:
     """A finished result of the same result config: print it, and still log it when this job logs to W&B."""
-    log.info("skipping: %s already holds a finished result for this config (force=true re-runs)", out_dir)
+    folder, previous = found
+    log.info("skipping: %s already holds a finished result for this config (force=true re-runs)", folder)
     if cfg.logger.name == "wandb" and int(os.environ.get("RANK", "0")) == 0:
         sink = _wandb_sink(cfg, out_dir, resolved, list(previous.get("per_class_iou", {})))
         try:
             sink.write(previous)
         finally:
             sink.close()
-    print(f"skipped (finished result in {out_dir}): mIoU {previous['miou']:.2f}")
+    print(f"skipped (finished result in {folder}): mIoU {previous['miou']:.2f}")
     return previous
 
 
-def finished_result(cfg: DictConfig, out_dir: Path) -> dict[str, Any] | None:
-    """The finished result `out_dir` holds for the same result config, which a re-run reuses (None: run it)."""
-    previous = read_finished_result(out_dir)
-    if previous is None or cfg.force:
+def finished_result(cfg: DictConfig, out_dir: Path) -> tuple[Path, dict[str, Any]] | None:
+    """A finished result for the same result config, which this job reuses (None: run it), and its folder.
+
+    The job's own folder comes first, then its siblings (the other jobs of ``outputs/runs`` or of the sweep):
+    a folder name comes from the overrides as written, so ``refine=none`` or ``attention=full`` spelled out names
+    another folder than the default run, for the same numbers.
+    """
+    if cfg.force:
         return None
-    resolved = OmegaConf.to_container(cfg, resolve=True)
-    return previous if config.result_config(previous["config"]) == config.result_config(resolved) else None
+    wanted = config.result_config(OmegaConf.to_container(cfg, resolve=True))
+    siblings = sorted(p for p in out_dir.parent.glob("*") if p != out_dir) if out_dir.parent.is_dir() else []
+    for folder in (out_dir, *siblings):
+        previous = read_finished_result(folder)
+        if previous is not None and config.result_config(previous["config"]) == wanted:
+            return folder, previous
+    return None
 
 
 def evaluate(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     """Evaluate one configuration; returns the result dict (also written by the sinks on rank 0)."""
     _refuse_preset_without_multirun()
     config.validate(cfg)
-    previous = finished_result(cfg, out_dir)
-    if previous is not None:
-        return _reuse(cfg, out_dir, previous, OmegaConf.to_container(cfg, resolve=True))
+    found = finished_result(cfg, out_dir)
+    if found is not None:
+        return _reuse(cfg, out_dir, found, OmegaConf.to_container(cfg, resolve=True))
 
     device, rank, world = setup_device(cfg)
     dataset, shard = load_shard(cfg, rank, world)  # fails on a missing root before any model loads
@@ -396,9 +408,11 @@ def main(cfg: DictConfig) -> float | None:
 
 
 def report_failure(out_dir: Path, err: BaseException) -> None:
-    """A job ended with a known error: one line on stderr and in its log, the reason in its folder; nothing deleted."""
+    """A job ended with a known error: one line on stderr (from rank 0) and in its log, the reason in its folder;
+    nothing deleted."""
     message = jobs.one_line(err)
-    print(f"naclip.run: error: {message}", file=sys.stderr, flush=True)
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun every rank meets it: one line, once (all logs keep it)
+        print(f"naclip.run: error: {message}", file=sys.stderr, flush=True)
     jobs.log_to_files(message)
     _record(jobs.record_failure, out_dir, message)
 

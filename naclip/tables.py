@@ -11,7 +11,7 @@ fewer images than the protocol's split) are left out by default, with one line s
 
 CLI::
 
-    python -m naclip.tables --source local outputs/ [--out tables/] [--include-partial]
+    python -m naclip.tables --source local outputs/ [--out tables/] [--include-partial] [--export all.csv]
     python -m naclip.tables --source wandb ENTITY/PROJECT
 """
 
@@ -22,6 +22,7 @@ import csv
 import json
 import math
 import sys
+import textwrap
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -53,6 +54,7 @@ SIGMA_SWEEP_CHOICES: dict[str, str] = {
     "refine": "none",
 }
 MISSING = "–"
+SIGMA_PLOT = "sigma_sweep.png"  # the plot's file name in --out, replaced by each run (removed when it draws none)
 DAGGER = "†"
 FOOTNOTE = f"{DAGGER} not a full measurement (random weights or a partial split), shown by --include-partial"
 
@@ -527,37 +529,109 @@ def _curve_caveated(results: list[dict], backbone: str, dataset: str) -> bool:
     return any(caveats(r) for r in results if _matches(r, choices))
 
 
-def plot_sigma(results: list[dict], path: str | Path) -> Path | None:
-    """Write the mIoU-vs-σ plot (one line per backbone and dataset) as PNG; ``None`` with a note when empty.
+_BACKBONE_MARKERS = ("o", "s", "^", "D", "v", "P")
 
-    A line drawn from results that are not full measurements is labelled with ``†``.
+
+def sigma_figure(results: list[dict]) -> Any:
+    """The mIoU-vs-σ figure (a matplotlib ``Figure``), or ``None`` when no result is of the swept configuration.
+
+    Colour follows the dataset and the marker the backbone; a (backbone, dataset) measured at one σ only is drawn as
+    a point, not a line. The legend sits beside the axes (never over the data) and the ``†`` footnote, when a line
+    comes from results that are not full measurements, is wrapped under them; save with ``bbox_inches="tight"``.
     """
     curves = sigma_sweep(results)
     if not curves:
-        print("naclip.tables: note: no σ-sweep results (full/reduced/none); plot skipped", file=sys.stderr)
         return None
     # Figure + Agg canvas directly: no pyplot global state, no GUI backend, safe inside notebooks.
+    from matplotlib import colormaps
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
-    fig = Figure(figsize=(6, 4))
+    fig = Figure(figsize=(6.4, 4.0))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
+    datasets = list(dict.fromkeys(d for _, d in curves))
+    backbones = list(dict.fromkeys(b for b, _ in curves))
+    colours = colormaps["tab10"] if len(datasets) <= 10 else colormaps["tab20"]
     marked = False
     for (backbone, dataset), points in curves.items():
         sigmas, mious = zip(*points, strict=True)
         dagger = DAGGER if _curve_caveated(results, backbone, dataset) else ""
         marked = marked or bool(dagger)
         label = f"{BACKBONE_HEADERS.get(backbone, backbone)} {DATASET_COLUMNS.get(dataset, dataset)}{dagger}"
-        ax.plot(sigmas, mious, marker="o", label=label)
+        ax.plot(
+            sigmas,
+            mious,
+            color=colours(datasets.index(dataset)),
+            marker=_BACKBONE_MARKERS[backbones.index(backbone) % len(_BACKBONE_MARKERS)],
+            linestyle="-" if len(points) > 1 else "none",
+            label=label,
+        )
     ax.set_xlabel("σ (Gaussian neighbourhood)")
     ax.set_ylabel("mIoU (%)")
-    ax.set_title("NACLIP: mIoU vs σ" + (f"\n{FOOTNOTE}" if marked else ""), fontsize="medium")
+    ax.set_title("NACLIP: mIoU vs σ")
+    if all(float(sigma).is_integer() for points in curves.values() for sigma, _ in points):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
-    ax.legend(fontsize="small")
-    fig.tight_layout()
+    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, fontsize="small", frameon=False)
+    if marked:
+        fig.text(0.02, 0.01, textwrap.fill(FOOTNOTE, 100), fontsize="x-small", va="bottom", ha="left")
+        fig.subplots_adjust(bottom=0.22)
+    return fig
+
+
+def plot_sigma(results: list[dict], path: str | Path) -> Path | None:
+    """Write the mIoU-vs-σ plot (:func:`sigma_figure`) as PNG; ``None`` with a note when there is nothing to draw."""
+    fig = sigma_figure(results)
+    if fig is None:
+        print("naclip.tables: note: no σ-sweep results (full/reduced/none); plot skipped", file=sys.stderr)
+        return None
     path = Path(path)
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=150, bbox_inches="tight", pad_inches=0.1)
+    return path
+
+
+# ------------------------------------------------------------------------------------------------- export
+EXPORT_COLUMNS: tuple[str, ...] = (
+    "method", "backbone", "attention", "sigma", "arch", "refine", "dataset", "protocol", "miou", "pixel_acc",
+    "num_images", "caveats", "overrides", "finished_at",
+)  # fmt: skip
+
+
+def export_results(results: list[dict], path: str | Path) -> Path:
+    """Every result as one CSV row, its configuration then its numbers (``EXPORT_COLUMNS``).
+
+    The paper tables hold only their own cells; this holds everything else too (plug-in attentions, other σ,
+    backbones or datasets, custom runs), with ``caveats`` naming the results that are not full measurements.
+    """
+
+    def cells(result: dict) -> dict[str, Any]:
+        config = result.get("config") or {}
+        choices = result["choices"]
+        sigma = (config.get("attention") or {}).get("sigma")
+        return {
+            **{key: choices.get(key, "") for key in ("method", "backbone", "attention", "arch", "refine", "dataset")},
+            "sigma": "" if sigma is None else sigma,
+            "protocol": _protocol(result),
+            "miou": f"{result['miou']:.2f}",
+            "pixel_acc": "" if result.get("pixel_acc") is None else f"{result['pixel_acc']:.2f}",
+            "num_images": result.get("num_images", ""),
+            "caveats": "; ".join(caveats(result)),
+            "overrides": " ".join(str(o) for o in result.get("overrides") or []),
+            "finished_at": result.get("finished_at") or "",
+        }
+
+    def order(row: dict[str, Any]) -> tuple:
+        names = tuple(str(row[k]) for k in ("dataset", "backbone", "method", "attention", "arch", "refine", "protocol"))
+        return *names, -1.0 if row["sigma"] == "" else float(row["sigma"]), str(row["finished_at"])
+
+    rows = sorted((cells(r) for r in results), key=order)
+    path = Path(path)
+    with path.open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=EXPORT_COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
     return path
 
 
@@ -586,13 +660,19 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help=f"also use results with random weights or on a partial split, marked {DAGGER}",
     )
+    parser.add_argument(
+        "--export",
+        metavar="CSV",
+        help="also write every result found (config -> mIoU, caveats included) to this CSV file, e.g. all.csv",
+    )
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Print Tables 1–4 and the methods table as markdown; write their CSVs and ``sigma_sweep.png`` to ``--out``.
 
-    Results with random weights or on a partial split are left out unless ``--include-partial`` is given.
+    Results with random weights or on a partial split are left out unless ``--include-partial`` is given;
+    ``--export`` writes every result found, whatever the tables use.
     """
     try:
         args = _parse(argv)
@@ -604,6 +684,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"naclip.tables: error: {err}", file=sys.stderr)
         return 2
 
+    if args.export:
+        try:
+            exported = export_results(results, args.export)
+        except OSError as err:
+            print(f"naclip.tables: error: cannot write --export {args.export}: {err.strerror or err}", file=sys.stderr)
+            return 2
+        print(f"naclip.tables: exported {len(results)} results to {exported}", file=sys.stderr)
     results, note = select_results(results, args.include_partial)
     if note:
         print(f"naclip.tables: {note}", file=sys.stderr)
@@ -613,7 +700,14 @@ def main(argv: list[str] | None = None) -> int:
     for name, table in tables.items():
         print(f"### {table.title}\n\n{table.to_markdown()}\n")
         table.to_csv(out / f"{name}.csv")
-    plot = plot_sigma(results, out / "sigma_sweep.png")
+    plot_path = out / SIGMA_PLOT
+    plot = plot_sigma(results, plot_path)
+    if plot is None and plot_path.is_file():  # an earlier run's plot beside these tables would not match them
+        plot_path.unlink()
+        print(
+            f"naclip.tables: removed the earlier {SIGMA_PLOT} from {out}: this run has no σ-sweep results",
+            file=sys.stderr,
+        )
     written = ", ".join([*(f"{name}.csv" for name in tables), *([plot.name] if plot else [])])
     print(f"wrote {written} to {out}")
     return 0

@@ -185,6 +185,28 @@ def _draw_legend(pixels: np.ndarray, entries: Sequence[tuple[str, tuple[int, int
     pixels[corner] = np.asarray(canvas)
 
 
+RANDOM_WEIGHTS_NOTE = "RANDOM WEIGHTS: a pipeline check, not a real segmentation"
+MARK_RED = (220, 0, 0)
+
+
+def mark_random_weights(pixels: np.ndarray, note: str = RANDOM_WEIGHTS_NOTE) -> np.ndarray:
+    """Draw ``note`` in white on a red strip along the bottom of an (H, W, 3) uint8 image, in place (and return it).
+
+    Outputs of random weights look like results; the strip keeps a copied overlay from passing as one. Only the
+    bottom band goes through PIL, so a huge photo is not copied.
+    """
+    height, width = pixels.shape[:2]
+    size = int(np.clip(round(min(width, height) / 28), 8, 22))
+    pad = max(2, size // 4)
+    top = max(0, height - (size + 2 * pad))
+    canvas = Image.fromarray(pixels[top:])
+    draw = ImageDraw.Draw(canvas)
+    draw.rectangle((0, 0, width, height - top), fill=MARK_RED)
+    draw.text((pad, (height - top) / 2), note, fill=(255, 255, 255), font=_font(size), anchor="lm")
+    pixels[top:] = np.asarray(canvas)
+    return pixels
+
+
 _BLEND_ROWS = 512  # rows blended at a time by overlay()
 
 
@@ -264,6 +286,7 @@ def plot_attention(
     path: str | os.PathLike | None = None,
     alpha: float = 0.6,
     cmap: str = "jet",
+    note: str | None = None,
 ) -> Figure:
     """Figure 1 of the paper: per chosen patch, the image with the patch boxed, then each variant's attention.
 
@@ -274,6 +297,7 @@ def plot_attention(
         path: if given, the figure is also saved there as PNG.
         alpha: heatmap opacity over the image.
         cmap: matplotlib colormap of the heatmaps.
+        note: a warning drawn in red above the panels (e.g. :data:`RANDOM_WEIGHTS_NOTE`).
 
     Returns:
         The matplotlib Figure (Agg canvas; display it in a notebook or save it).
@@ -307,6 +331,7 @@ def plot_attention(
                 ax.set_title(title, fontsize=9)
             if j == 0:
                 ax.set_ylabel(f"patch ({r}, {c})", fontsize=8)
+    _add_note(fig, note)
     if path is not None:
         fig.savefig(path, dpi=120)
     return fig
@@ -316,8 +341,12 @@ def image_grid(
     panels: Sequence[Sequence[np.ndarray]],
     titles: Sequence[str],
     path: str | os.PathLike | None = None,
+    note: str | None = None,
 ) -> Figure:
-    """Rows of same-size uint8 images under column titles (the paper's Figure 3 layout); saved when path given."""
+    """Rows of same-size uint8 images under column titles (the paper's Figure 3 layout); saved when path given.
+
+    ``note`` is a warning drawn in red above the grid (e.g. :data:`RANDOM_WEIGHTS_NOTE`).
+    """
     if not panels or any(len(row) != len(titles) for row in panels):
         raise ValueError(f"every row needs one image per title ({len(titles)} titles)")
     height, width = panels[0][0].shape[:2]
@@ -331,6 +360,13 @@ def image_grid(
             axes[i, j].set_axis_off()
             if i == 0:
                 axes[i, j].set_title(titles[j], fontsize=9)
+    _add_note(fig, note)
     if path is not None:
         fig.savefig(path, dpi=120)
     return fig
+
+
+def _add_note(fig: Figure, note: str | None) -> None:
+    """A red, bold line above a figure's panels (constrained layout makes room for it)."""
+    if note:
+        fig.suptitle(note, color=tuple(v / 255 for v in MARK_RED), fontsize=9, fontweight="bold")

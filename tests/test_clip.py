@@ -172,6 +172,15 @@ def test_offline_tag_fails_fast_with_hint(tmp_path, monkeypatch, hub_offline):
     assert time.monotonic() - start < 10
 
 
+def test_load_clip_and_predictor_default_to_the_same_real_weights(tmp_path, monkeypatch):
+    """Without a `pretrained` argument both ask for ViT-B-16's OpenAI weights (offline: the same one-line error)."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    for build in (lambda: load_clip(), lambda: naclip.Predictor(["sky", "tree"], device="cpu")):
+        with pytest.raises(WeightsUnavailableError, match=r"ViT-B-16/openai"):
+            build()
+
+
 def test_quick_gelu_follows_the_weights(tmp_path, monkeypatch):
     cached = tmp_path / "open_clip_model.safetensors"
     cached.write_bytes(b"")

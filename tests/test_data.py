@@ -479,6 +479,25 @@ def test_hf_layout_from_local_parquet(parquet_file):
         assert np.array_equal(sample["label"].numpy(), expected_label(labels[i].astype(np.int64), True))
 
 
+@pytest.mark.parametrize(
+    ("class_names", "background_index", "first"),
+    [("voc21", None, "background"), ("coco_object", None, "background"), ("pc60", None, "background"),
+     ("ade", None, "wall"), ("voc20", None, "aeroplane"), ("voc21", 3, "sky"), ("ade", 2, "wall")],
+)
+def test_hf_reports_class_zero_as_background_where_the_class_names_say_so(
+    parquet_file, class_names, background_index, first
+):
+    """`dataset=hf dataset.class_names=voc21` names class 0 "background", not its first synonym "sky"."""
+    path, _ = parquet_file
+    cfg = load_cfg("hf", data_files={"validation": str(path)}, label_column="seg", class_names=class_names)
+    if background_index is not None:
+        cfg["background_index"] = background_index
+    names = build_dataset(cfg).display_names
+    assert names[0] == first
+    expected = background_index if background_index is not None else (0 if first == "background" else None)
+    assert [i for i, n in enumerate(names) if n == "background"] == ([] if expected is None else [expected])
+
+
 def test_hf_layout_errors(parquet_file, tmp_path):
     path, _ = parquet_file
     with pytest.raises(DatasetError, match=r"\['seg2'\].*label_column"):

@@ -39,6 +39,45 @@ def _cfg(*overrides: str):
 
 
 # ------------------------------------------------------------------------------------------------ classes
+# method: (attention, arch, short_side, slide_crop, slide_stride, logit_scale, dataset of the protocol's values), as
+# published: SCLIP (Wang et al., ECCV'24) 336 / 224 / 112 / 40, ClearCLIP (Lan et al., ECCV'24) 448 / 448 / 224 / 50
+# on the datasets without a background class; CLIP and MaskCLIP rows of NACLIP's Table 1 use NACLIP's protocol.
+PREDICT_PRESETS = {
+    "naclip": ("full", "reduced", 336, 224, 112, 40.0, "dataset"),
+    "clip": ("vanilla", "vanilla", 336, 224, 112, 40.0, "dataset"),
+    "maskclip": ("value", "reduced", 336, 224, 112, 40.0, "dataset"),
+    "sclip": ("csa", "vanilla", 336, 224, 112, 40.0, "sclip"),
+    "clearclip": ("qq", "reduced", 448, 448, 224, 50.0, "clearclip"),
+}
+
+
+@pytest.mark.parametrize("method", sorted(PREDICT_PRESETS))
+def test_method_presets_bring_their_protocol(method):
+    cfg = _cfg("image=x.png", "classes=[a]", f"method={method}")
+    got = (cfg.attention.name, cfg.arch.name, cfg.short_side, cfg.slide_crop, cfg.slide_stride, cfg.logit_scale,
+           cfg.protocol)
+    assert got == PREDICT_PRESETS[method]
+    assert (cfg.prob_thd, cfg.area_thd) == (0.0, 0.0)
+    mine = _cfg("image=x.png", "classes=[a]", f"method={method}", "short_side=512", "logit_scale=30")
+    assert (mine.short_side, mine.logit_scale) == (512, 30.0)  # the command line wins over the preset
+
+
+def test_help_lists_only_the_groups_predict_accepts():
+    config.register()
+    with initialize_config_dir(config_dir=config.config_dir(), version_base="1.3"):
+        cfg = compose("predict", overrides=["image=x", "classes=[a]"], return_hydra_config=True)
+        template = cfg.hydra.help.template
+        listed = {line.split(":")[0]: line.split(": ")[1].split(", ") for line in template.splitlines()
+                  if ": " in line and line.split(":")[0].isidentifier()}
+        assert set(listed) == {"method", "backbone", "attention", "arch", "refine"}
+        assert listed["method"] == ["clearclip", "clip", "maskclip", "naclip", "sclip"]
+        assert {"full", "kk_sim", "vanilla"} <= set(listed["attention"]) and listed["refine"] == ["none", "pamr"]
+        for group, options in listed.items():  # every listed choice composes
+            for option in options:
+                compose("predict", overrides=["image=x", "classes=[a]", f"{group}={option}"])
+    assert "naclip.predict is powered by Hydra" in template
+
+
 def test_classes_list_with_synonyms_and_background():
     groups, display = resolve_classes(["car", "tree, bush", ["road", "street"]], ["wall", "floor"])
     assert groups == [["wall", "floor"], ["car"], ["tree", "bush"], ["road", "street"]]
@@ -214,7 +253,7 @@ def _cli(tmp_path: Path, *args: str, pretrained: str = "null") -> tuple[subproce
         f"out={out}",
     ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}  # a tag that is not cached fails at once, never waits
-    proc = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    proc = subprocess.run(command, capture_output=True, text=True, env=env)
     return proc, out
 
 
@@ -278,3 +317,16 @@ def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, case, message):
     assert len(lines) == 1 and lines[0].startswith("naclip.predict: error: ") and message in lines[0], proc.stderr
     assert "Traceback" not in proc.stderr + proc.stdout
     assert not list(out.glob("*.png"))
+
+
+@pytest.mark.parametrize("pretrained", ["null", "openai"])
+def test_overlays_from_random_weights_carry_a_red_mark(tmp_path, monkeypatch, b32, pretrained):
+    monkeypatch.setattr("naclip.clip.load_clip", lambda *args, **kwargs: b32)  # stands in for either weights
+    _write_image(tmp_path / "x.png", 64, 96, block=2)
+    out = tmp_path / "out"
+    run(_cfg(f"image={tmp_path / 'x.png'}", "classes=[sky, tree]", "short_side=64", "slide_crop=0",
+             f"backbone.pretrained={pretrained}"), out)
+    pixels = np.asarray(Image.open(out / "x_overlay.png"))
+    r, g, b = (pixels[-1, :, i].astype(int) for i in range(3))
+    red_bottom_row = bool(((r > 180) & (g < 60) & (b < 60)).all())
+    assert red_bottom_row == (pretrained == "null")

@@ -15,7 +15,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import open_dict
+from omegaconf import OmegaConf, open_dict
 from PIL import Image
 
 from naclip import config
@@ -177,6 +177,37 @@ def test_runtime_keys_reuse_a_finished_result_and_wandb_still_logs_it(tmp_path, 
     assert changed["num_images"] == 2 and changed["finished_at"] >= first["finished_at"]
 
 
+def _finished(folder: Path, overrides: list[str], miou: float) -> None:
+    """A finished result.json as a run of `overrides` leaves it (the resolved config is what reuse compares)."""
+    cfg = compose_run(overrides)
+    folder.mkdir(parents=True)
+    (folder / "result.json").write_text(json.dumps({"miou": miou, "config": OmegaConf.to_container(cfg, resolve=True),
+                                                    "per_class_iou": {}}))
+
+
+def test_defaults_written_out_reuse_the_default_runs_result(tmp_path, capsys, monkeypatch):
+    """`refine=none attention=full` names another folder than the default run but computes the same numbers."""
+    from naclip import run
+
+    runs = tmp_path / "runs"
+    _finished(runs / "default", SMOKE, 41.5)
+    _finished(runs / "max_images=2", [*SMOKE, "max_images=2"], 7.0)  # another result config: never reused
+    monkeypatch.setattr(run, "load_shard", lambda *args: pytest.fail("a finished result was evaluated again"))
+    spelled_out = runs / "attention=full,refine=none"
+    result = run_in_process([*SMOKE, "refine=none", "attention=full", "arch=reduced", "num_workers=1"], spelled_out)
+    assert result["miou"] == 41.5
+    assert f"skipped (finished result in {runs / 'default'}): mIoU 41.50" in capsys.readouterr().out
+    assert not (spelled_out / "result.json").exists()
+
+    def evaluated(*args):
+        raise RuntimeError("evaluated")
+
+    monkeypatch.setattr(run, "load_shard", evaluated)
+    for overrides in ([*SMOKE, "max_images=3"], [*SMOKE, "force=true"]):  # a new result config; force re-runs
+        with pytest.raises(RuntimeError, match="evaluated"):
+            run_in_process(overrides, runs / "new")
+
+
 def test_folder_name_leaves_out_exactly_the_runtime_keys():
     hydra = compose_run([], hydra_cfg=True).hydra
     excluded = set(hydra.job.config.override_dirname.exclude_keys)
@@ -208,10 +239,11 @@ def test_preset_without_multirun_is_refused_before_anything_runs(tmp_path):
 
 
 @pytest.mark.slow
-def test_cli_preset_without_multirun_exits_with_one_line(tmp_path):
+@pytest.mark.parametrize("launcher", [[], ["hydra/launcher=fused"]], ids=["basic", "fused"])
+def test_cli_preset_without_multirun_exits_with_one_line(tmp_path, launcher):
     env = {**os.environ, "NACLIP_OUTPUT": str(tmp_path / "outputs"), "NACLIP_CACHE": str(tmp_path / "cache")}
-    proc = subprocess.run([sys.executable, "-m", "naclip.run", "+experiment=table3"], capture_output=True,
-                          text=True, env=env, timeout=300, check=False)
+    proc = subprocess.run([sys.executable, "-m", "naclip.run", "+experiment=table3", *launcher], capture_output=True,
+                          text=True, env=env, check=False)
     assert proc.returncode == 2
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert lines == ["naclip.run: error: +experiment=table3 is a sweep; add -m: "

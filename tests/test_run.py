@@ -323,7 +323,7 @@ def cli(args: list[str], tmp_path: Path, **env: str) -> subprocess.CompletedProc
     environ = {**os.environ, "NACLIP_OUTPUT": str(tmp_path / "outputs"), "NACLIP_CACHE": str(tmp_path / "cache"),
                "NACLIP_DATA": str(tmp_path / "data"), **env}
     return subprocess.run([sys.executable, "-m", "naclip.run", *args], capture_output=True, text=True, env=environ,
-                          timeout=300, check=False)
+                          check=False)
 
 
 @pytest.mark.slow

@@ -10,7 +10,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from naclip.tables import (
     LocalSource,
@@ -20,6 +22,7 @@ from naclip.tables import (
     main,
     plot_sigma,
     select_results,
+    sigma_figure,
     sigma_sweep,
 )
 
@@ -436,7 +439,7 @@ def test_module_runs_as_script(tmp_path):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     done = subprocess.run(
         [sys.executable, "-m", "naclip.tables", "--source", "local", str(tmp_path / "outputs")],
-        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300,
+        capture_output=True, text=True, env=env, cwd=tmp_path,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert "### Table 2 —" in done.stdout and "Traceback" not in done.stderr
@@ -527,3 +530,76 @@ def test_sigma_plot_follows_the_same_rule(tmp_path, capsys):
     assert not (out / "sigma_sweep.png").exists()
     assert main(["--source", "local", str(runs), "--out", str(out), "--include-partial"]) == 0
     assert (out / "sigma_sweep.png").stat().st_size > 1000
+
+
+def test_a_run_without_sweep_results_removes_the_earlier_plot_and_says_so(tmp_path, capsys):
+    """The plot of a run with --include-partial must not stay beside the tables of a later run that draws none."""
+    runs, out = tmp_path / "outputs", tmp_path / "out"
+    for sigma in (2.0, 6.0):
+        write_json(runs, caveated(fake_result(dataset="synthetic", backbone="b32", miou=sigma, sigma=sigma),
+                                  random_weights=True))
+    (out / "notes.png").parent.mkdir(parents=True)
+    (out / "notes.png").write_bytes(b"a user's file")
+    assert main(["--source", "local", str(runs), "--out", str(out), "--include-partial"]) == 0
+    assert (out / "sigma_sweep.png").is_file()
+    capsys.readouterr()
+    assert main(["--source", "local", str(runs), "--out", str(out)]) == 0
+    assert not (out / "sigma_sweep.png").exists()
+    assert (out / "notes.png").read_bytes() == b"a user's file"  # only what this run would write
+    assert f"removed the earlier sigma_sweep.png from {out}" in capsys.readouterr().err
+
+
+def sweep_with_single_points() -> list[dict]:
+    """Two σ curves, a single-σ run on another dataset and one random-weight single point (a † footnote)."""
+    results = [fake_result(dataset=d, sigma=float(s), miou=m + s) for d, m in (("voc21", 50.0), ("ade", 10.0))
+               for s in range(1, 11)]
+    results.append(fake_result(dataset="pc59", backbone="b32", sigma=5.0, miou=33.0))
+    results.append(caveated(fake_result(dataset="synthetic", backbone="b32", sigma=5.0, miou=20.0),
+                            random_weights=True))
+    return results
+
+
+def test_sigma_figure_draws_single_sigma_runs_as_points_and_keeps_the_legend_off_the_data():
+    fig = sigma_figure(sweep_with_single_points())
+    ax = fig.axes[0]
+    styles = {line.get_label(): (line.get_linestyle(), len(line.get_xdata())) for line in ax.get_lines()}
+    assert styles == {"B/16 V21": ("-", 10), "B/16 ADE": ("-", 10), "B/32 PC59": ("None", 1),
+                      "B/32 synthetic†": ("None", 1)}
+    fig.canvas.draw()
+    legend = ax.get_legend().get_window_extent()
+    for line in ax.get_lines():
+        for x, y in ax.transData.transform(line.get_xydata()):
+            assert not (legend.x0 <= x <= legend.x1 and legend.y0 <= y <= legend.y1), (line.get_label(), x, y)
+
+
+def test_sigma_plot_png_is_not_clipped_and_shows_the_footnote(tmp_path):
+    """Every edge of the saved image is background: no title, footnote or legend runs off the picture."""
+    path = plot_sigma(sweep_with_single_points(), tmp_path / "sweep.png")
+    pixels = np.asarray(Image.open(path).convert("L"))
+    edges = np.concatenate([pixels[:3].ravel(), pixels[-3:].ravel(), pixels[:, :3].ravel(), pixels[:, -3:].ravel()])
+    assert edges.min() == 255
+    bottom = pixels[int(pixels.shape[0] * 0.9) :]  # the footnote's dark text under the x-axis label
+    assert (bottom < 128).sum() > 50
+
+
+def test_export_lists_every_result_config_to_miou(tmp_path, capsys):
+    """Plug-in attentions, other σ and random-weight runs are in no paper table; the export has each of them."""
+    runs = tmp_path / "outputs"
+    write_result(runs, dataset="voc21", miou=61.25)
+    write_result(runs, dataset="synthetic", backbone="b32", attention="qq_gauss", sigma=3.0, miou=12.5)
+    write_json(runs, caveated(fake_result(dataset="ade", refine="pamr", sigma=None, miou=7.0), random_weights=True))
+    export = tmp_path / "all.csv"
+    assert main(["--source", "local", str(runs), "--out", str(tmp_path / "t"), "--export", str(export)]) == 0
+    assert f"exported 3 results to {export}" in capsys.readouterr().err
+    with export.open(newline="", encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
+    picked = [(r["dataset"], r["backbone"], r["attention"], r["sigma"], r["refine"], r["miou"], r["caveats"])
+              for r in rows]
+    assert picked == [
+        ("ade", "b16", "full", "", "pamr", "7.00", "random-weights"),
+        ("synthetic", "b32", "qq_gauss", "3.0", "none", "12.50", ""),
+        ("voc21", "b16", "full", "5.0", "none", "61.25", ""),
+    ]
+    assert rows[1]["overrides"] == ("backbone=b32 attention=qq_gauss arch=reduced refine=none dataset=synthetic "
+                                    "logger=local")
+    assert rows[2]["num_images"] == "4" and rows[2]["protocol"] == "dataset"

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from naclip.attention import attend, attention_weights, gaussian_prior, get_attention
-from naclip.viz import attention_maps, image_grid, overlay, palette_png, plot_attention
+from naclip.viz import attention_maps, image_grid, mark_random_weights, overlay, palette_png, plot_attention
 
 ROWS, COLS = 5, 6  # patch grid of a 160x192 image with ViT-B/32
 PATCHES = [(0, 0), (2, 3), (4, 5)]
@@ -248,7 +248,7 @@ def test_figures_module_on_synthetic(tmp_path):
         str(tmp_path),
         "text_cache_dir=null",
     ]
-    proc = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(command, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     progress = [line for line in proc.stderr.splitlines() if line.startswith("naclip.figures: ")]
     assert progress[0].startswith("naclip.figures: loading CLIP ViT-B-32 (random weights)")
@@ -262,7 +262,6 @@ def test_figures_module_on_synthetic(tmp_path):
         [sys.executable, "-m", "naclip.figures", "--dataset", "nope", "--pretrained", "null"],
         capture_output=True,
         text=True,
-        timeout=300,
     )
     assert bad.returncode == 2 and bad.stderr.startswith("naclip.figures: error: ") and "nope" in bad.stderr
 
@@ -277,3 +276,34 @@ def test_figures_weights_hint_names_its_own_flag(monkeypatch, capsys):
     lines = capsys.readouterr().err.splitlines()
     assert lines[-1].startswith("naclip.figures: error: could not download CLIP weights ViT-B-32/openai")
     assert "--pretrained null" in lines[-1] and "backbone.pretrained" not in lines[-1]
+
+
+def _red(pixels: np.ndarray) -> np.ndarray:
+    """Where an (H, W, 3) uint8 image is a strong pure red (the random-weights marker's colour)."""
+    r, g, b = (pixels[..., i].astype(int) for i in range(3))
+    return (r > 180) & (g < 60) & (b < 60)
+
+
+def test_random_weights_mark_is_a_red_strip_along_the_bottom():
+    grey = np.full((120, 200, 3), 128, dtype=np.uint8)
+    marked = mark_random_weights(grey.copy())
+    assert (marked[:100] == 128).all()  # the image above the strip is untouched
+    strip = marked[-12:]  # 8-pixel letters + 2 × 2 padding on a 120-pixel-high image
+    assert _red(strip).mean() > 0.6 and (strip > 200).all(axis=-1).sum() > 20  # red, with white lettering
+
+
+@pytest.mark.slow
+def test_figures_on_a_one_image_dataset_count_one_image_and_mark_random_weights(tmp_path, monkeypatch, capsys, b32):
+    """--num-images 4 on a one-image dataset says "image 1/1"; random-weight figures say so in red above the panels."""
+    from naclip import figures
+
+    monkeypatch.setattr(figures, "load_clip", lambda *args, **kwargs: b32)
+    argv = ["--dataset", "synthetic", "--backbone", "b32", "--pretrained", "null", "--num-images", "4",
+            "--out", str(tmp_path), "dataset.num_images=1", "text_cache_dir=null"]
+    assert figures.main(argv) == 0
+    progress = [line for line in capsys.readouterr().err.splitlines() if line.startswith("naclip.figures: image ")]
+    assert len(progress) == 1 and progress[0].startswith("naclip.figures: image 1/1: ")
+    for name in ("qualitative.png", "attention_00_synthetic_000.png"):
+        pixels = np.asarray(Image.open(tmp_path / name).convert("RGB"))
+        top = pixels[: max(8, pixels.shape[0] // 12)]  # the line above the panels' titles
+        assert _red(top).sum() > 30, name

@@ -24,6 +24,8 @@ from naclip.data.transforms import invalid_label_values, reduce_zero_label, resi
 
 ON_ERROR_CHOICES: tuple[str, ...] = ("raise", "skip")
 BACKGROUND = "background"
+# Packaged class-name files whose class 0 is the background class (its synonyms "sky, wall, ..." are prompt words).
+BACKGROUND_FIRST: frozenset[str] = frozenset({"voc21", "pc60", "coco_object"})
 _REQUIRED_KEYS = ("layout", "class_names", "short_side", "max_long_side")
 
 
@@ -194,6 +196,16 @@ def _int_option(cfg: Mapping[str, Any], key: str, name: str) -> int:
     return value
 
 
+def default_background_index(name_or_path: str, class_names: list[list[str]]) -> int | None:
+    """0 where the class-name file's class 0 is background (VOC21, PC60, COCO-Object or a first name "background").
+
+    So ``dataset=hf dataset.class_names=voc21`` reports class 0 as "background", not as its first synonym "sky".
+    """
+    if name_or_path in BACKGROUND_FIRST or class_names[0][0].lower() == BACKGROUND:
+        return 0
+    return None
+
+
 def build_dataset(cfg: Mapping[str, Any], on_error: str = "raise", min_side: int = 1) -> SegmentationDataset:
     """Build the evaluation dataset described by one dataset config.
 
@@ -234,6 +246,8 @@ def build_dataset(cfg: Mapping[str, Any], on_error: str = "raise", min_side: int
     max_long_side = _int_option(cfg, "max_long_side", name)
     class_names = load_class_names(cfg["class_names"])
     background_index = cfg.get("background_index")
+    if background_index is None:
+        background_index = default_background_index(str(cfg["class_names"]), class_names)
     if background_index is not None and (
         not isinstance(background_index, int) or not 0 <= background_index < len(class_names)
     ):

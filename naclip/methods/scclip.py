@@ -108,7 +108,9 @@ class SCCLIP(Method):
                 f"{pre_adjust_idx}, post {post_adjust_idx}, multi [{multi_start_idx}, {multi_end_idx})"
             )
         if n_neighbors < 1 or not 0 < contamination < 1:
-            raise ValueError(f"scclip needs n_neighbors >= 1 and 0 < contamination < 1, got {n_neighbors}, {contamination}")
+            raise ValueError(
+                f"scclip needs n_neighbors >= 1 and 0 < contamination < 1, got {n_neighbors}, {contamination}"
+            )
         self.pre, self.post = pre_adjust_idx, post_adjust_idx
         self.multi = range(multi_start_idx, multi_end_idx)
         self.res_cls, self.beta = float(res_cls), float(beta)
@@ -117,7 +119,9 @@ class SCCLIP(Method):
         self.taps = Taps(inputs=frozenset(i + 1 for i in outputs if i + 1 < last))
 
     def extra_repr(self) -> str:
-        return f"pre={self.pre}, post={self.post}, multi=[{self.multi.start}, {self.multi.stop}), res_cls={self.res_cls}"
+        return (
+            f"pre={self.pre}, post={self.post}, multi=[{self.multi.start}, {self.multi.stop}), res_cls={self.res_cls}"
+        )
 
     def output(self, state: TrunkState, block: int) -> Tensor:
         """Tokens (n, 1+N, C) leaving a block (0-based)."""
@@ -125,7 +129,7 @@ class SCCLIP(Method):
 
     def guided_block(self, tokens: Tensor, guide: Tensor) -> Tensor:
         """The last block on patch tokens (n, P, C): (softmax of the guide + softmax(k kᵀ/√d)) / 2, projected out."""
-        q, k, v = self.encoder.qkv(tokens)
+        _, k, v = self.encoder.qkv(tokens)
         guide = (guide - guide.mean(dim=(-2, -1), keepdim=True)) * 3.0
         attn = guide.masked_fill(guide < 0.0, float("-inf")).softmax(dim=-1).unsqueeze(1)  # same for every head
         attn = attn + (torch.matmul(k, k.transpose(-2, -1)) * k.shape[-1] ** -0.5).softmax(dim=-1)

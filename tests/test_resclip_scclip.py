@@ -425,6 +425,23 @@ def test_method_options_are_checked_early():
     assert compose_run(["method=naclip"]).resclip is None  # other methods carry no such node
 
 
+def test_fused_sweeps_share_the_trunk_across_method_options():
+    from naclip.sweep import group_key
+
+    common = ["dataset=ade", "backbone=b32"]
+    keys = {
+        group_key(compose_run([*common, *extra]))
+        for extra in (
+            ["method=resclip"],
+            ["method=resclip", "resclip.base=sclip"],
+            ["method=scclip"],
+            ["method=naclip"],
+        )
+    }
+    assert len(keys) == 1  # the ADE protocols of all three share windows and resize: one pass for all
+    assert group_key(compose_run([*common, "method=scclip", "dataset.slide_stride=64"])) not in keys
+
+
 def test_bad_options_are_one_clear_error(b32):
     with pytest.raises(ValueError, match="unknown resclip base 'maskclip'"):
         Segmenter(b32, NAMES, templates=ONE_TEMPLATE, method="resclip", method_options={"base": "maskclip"})

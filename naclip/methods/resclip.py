@@ -33,6 +33,7 @@ BASES: dict[str, tuple[str, bool, bool]] = {
     "clearclip": ("qq", False, False),
 }
 FEEDBACK_PAMR = (10, (8, 16))  # the first pass's PAMR (iterations, dilations), fixed in the authors' code
+PATH_CACHE_SIZE = 8  # grids whose straight-path tables are kept
 
 
 class ResCLIP(Method):
@@ -144,6 +145,8 @@ class ResCLIP(Method):
         count (P², S), each pair's first patch (P²,), and the distance decay (P, P)."""
         key = (grid[0], grid[1], str(device))
         if key not in self._paths:
+            if len(self._paths) >= PATH_CACHE_SIZE:  # whole-image protocols see many grids; tables are O(P² · side)
+                self._paths.clear()
             rows, cols = grid
             index = torch.arange(rows * cols, device=device)
             i, j = torch.meshgrid(index, index, indexing="ij")
@@ -154,7 +157,7 @@ class ResCLIP(Method):
             # every pair is sampled at the fractions k / max_steps (of the longest pair), k = 0..its own steps
             t = torch.linspace(0, 1, steps=max_steps + 1, device=device).unsqueeze(1).unsqueeze(0)
             coords = (start.unsqueeze(1) * (1 - t) + end.unsqueeze(1) * t).round().long()  # (P², S, 2)
-            cells = coords[..., 0] * cols + coords[..., 1]
+            cells = (coords[..., 0] * cols + coords[..., 1]).int()
             counted = torch.arange(max_steps + 1, device=device).unsqueeze(0) <= steps.unsqueeze(1)
             decay = torch.exp(-steps / max_steps).view(rows * cols, rows * cols)
             self._paths[key] = (cells, counted, i.reshape(-1), decay)

@@ -130,6 +130,34 @@ class MethodConfig:
 
 
 @dataclass
+class ResCLIPConfig:
+    """Options of `method=resclip` (naclip.methods.resclip); per-dataset values come from conf/protocol/resclip_*."""
+
+    base: str = "naclip"  # naclip | sclip | clearclip: the last block ResCLIP modifies
+    sigma: float = 5.0
+    logit_scale: float = 40.0  # the first pass's temperature; conf/method/resclip.yaml ties it to the protocol's
+    temp_thd: float = 0.25
+    rcs_weights: list[float] = field(default_factory=lambda: [2.0, 0.3])
+    sfr_weights: list[float] = field(default_factory=lambda: [2.1, 0.7])
+    rcs_blocks: list[int] = field(default_factory=lambda: [5, 6, 7, 8])
+    delete_same_entity: bool = True
+
+
+@dataclass
+class SCCLIPConfig:
+    """Options of `method=scclip` (naclip.methods.scclip): the authors' block indices and weights."""
+
+    pre_adjust_idx: int = 8
+    post_adjust_idx: int = 3
+    multi_start_idx: int = 3
+    multi_end_idx: int = 10
+    res_cls: float = 0.3
+    beta: float = 0.4
+    n_neighbors: int = 30
+    contamination: float = 0.05
+
+
+@dataclass
 class RunConfig(MethodConfig):
     method: str = "naclip"  # set by the `method` group: the preset the attention, arch and protocol came from
     dataset: DatasetConfig = MISSING
@@ -145,6 +173,8 @@ class RunConfig(MethodConfig):
     force: bool = False
     on_error: str = "raise"
     text_cache_dir: str | None = None
+    resclip: ResCLIPConfig | None = None  # set by method=resclip
+    scclip: SCCLIPConfig | None = None  # set by method=scclip
 
 
 @dataclass

@@ -79,7 +79,8 @@ def slurm(monkeypatch, tmp_path) -> dict[str, Any]:
     def results(job: SlurmJob) -> list[Any]:
         element = int(job.job_id.split("_")[1])
         if element in fake["died"]:
-            raise UncompletedJobError(f"Job {job.job_id} (task: 0) with path /x/r.pkl\nhas not produced any output")
+            message = f"Job {job.job_id} (task: 0) with path /x/r.pkl\nhas not produced any output (state: NODE_FAIL)"
+            raise UncompletedJobError(message)
         members = range(fake["sizes"][element])
         return [[JobReturn(status=JobStatus.COMPLETED, _return_value=(element, k)) for k in members]]
 
@@ -150,7 +151,7 @@ def test_a_dead_group_job_leaves_its_unfinished_jobs_failed_and_rerunnable(slurm
     for name in ("attention.sigma=6", "attention.sigma=9"):
         assert outcomes[name].status == "failed"
         assert "submitit job 4242_0 ended before this job finished" in outcomes[name].detail
-        assert "4242_0_0_log.err" in outcomes[name].detail  # where its log is
+        assert "(state NODE_FAIL; log: " in outcomes[name].detail and "4242_0_0_log.err" in outcomes[name].detail
         assert not (outcomes[name].folder / "result.json").exists()
 
 

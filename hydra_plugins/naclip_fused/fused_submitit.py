@@ -12,6 +12,7 @@ Like the other plugin module, this imports only Hydra (and the submitit launcher
 # No `from __future__ import annotations`: Hydra's plugin scan executes this file outside sys.modules.
 import logging
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -111,9 +112,10 @@ def _unit_returns(job: Any, unit: list[tuple[int, Path]], job_overrides: Sequenc
 
     try:
         return job.results()[0]  # the first task's: under several tasks rank 0 reports
-    except UncompletedJobError as err:
-        headline = jobs.one_line(str(err).splitlines()[0])
-        cause = f"its submitit job {job.job_id} ended before this job finished ({headline}; logs: {job.paths.stderr})"
+    except UncompletedJobError as err:  # FailedJobError too: the job raised an unexpected error
+        state = re.search(r"\(state: (\w+)\)", str(err))
+        why = f"state {state.group(1)}" if state else "an unexpected error"
+        cause = f"its submitit job {job.job_id} ended before this job finished ({why}; log: {job.paths.stderr})"
     sweep_id = os.environ.get(jobs.SWEEP_ENV)
     returns = []
     for index, out_dir in unit:

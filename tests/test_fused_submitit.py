@@ -240,7 +240,7 @@ def test_a_killed_group_job_reruns_only_its_unfinished_jobs(tmp_path, cache):
     )
     assert killed.returncode == 1, killed.stderr[-3000:]
     assert summary(killed)[0] == "naclip.run: sweep summary: 1 finished, 0 skipped, 2 failed"
-    assert "re-submitting the sweep re-runs it" in killed.stderr
+    assert "re-submitting the sweep re-runs it" in killed.stdout  # logged by the launcher
     first = results(out)
     assert [r["config"]["attention"]["sigma"] for r in first.values()] == [2.0]
 

@@ -3,8 +3,9 @@
 The sweep is cut into the units ``hydra/launcher=fused`` runs it in (:func:`naclip.sweep.plan`): each group of jobs
 sharing one pass becomes one job of a submitit array and runs :func:`naclip.sweep.launch_fused` on its members; a
 job alone (alone in its group, invalid, finished) runs exactly as under hydra-submitit-launcher's own launchers.
-A group job that dies (killed, pre-empted past its requeues, out of memory) leaves every member without a result
-re-runnable and recorded as failed, so the sweep summary lists it and re-submitting the sweep runs just those.
+A group job that dies (killed, out of memory, past its time limit) leaves every member without a result re-runnable
+and recorded as failed, so the sweep summary lists it and re-submitting the sweep runs just those; a pre-empted one
+is requeued by submitit with the same members (``checkpoint``), and its finished members are then skipped.
 
 Like the other plugin module, this imports only Hydra (and the submitit launcher's Hydra side) at the top.
 """

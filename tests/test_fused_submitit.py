@@ -256,3 +256,19 @@ def test_a_killed_group_job_reruns_only_its_unfinished_jobs(tmp_path, cache):
     want = results(tmp_path / "local")
     for name, result in want.items():
         assert comparable(done[name]) == comparable(result), name
+
+
+@pytest.mark.slow
+def test_a_group_with_two_tasks_is_one_distributed_pass(tmp_path, cache):
+    """tasks_per_node=2: the group's one job shards its pass over two ranks (gloo), with one process's numbers."""
+    sweep = [*SMOKE, "dataset.num_images=3", "batch_size=1", "attention.sigma=2,6"]
+    local = cli([*sweep, "hydra/launcher=fused"], tmp_path / "local", cache)
+    ranks = cli([*sweep, *LOCAL, "hydra.launcher.tasks_per_node=2"], tmp_path / "ranks", cache)
+    assert local.returncode == ranks.returncode == 0, ranks.stderr[-3000:]
+    want, got = results(tmp_path / "local"), results(tmp_path / "ranks")
+    assert len(want) == 2 and set(got) == set(want)
+    for name, result in want.items():
+        assert (got[name]["world_size"], result["world_size"]) == (2, 1)
+        assert got[name]["num_images"] == result["num_images"] == 3
+        for key in ("miou", "pixel_acc", "per_class_iou"):
+            assert got[name][key] == result[key], (name, key)

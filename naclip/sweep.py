@@ -261,3 +261,29 @@ def launch_fused(
         if dist.is_initialized():
             dist.destroy_process_group()
     return [returns[j.index] for j in every]  # the sweeper raises any unexpected error, as with the basic launcher
+
+
+def plan(sweep_configs: Sequence[DictConfig]) -> list[list[tuple[int, Path]]]:
+    """The units :func:`launch_fused` runs a sweep in: each fused group (two or more jobs sharing one pass) and each
+    job that runs alone (alone in its group, invalid, finished, or not naclip.run's), ordered by their first job.
+
+    Each job is given as (its index in `sweep_configs`, its output folder); cluster launchers submit one job per unit.
+    """
+    previous = HydraConfig.instance().cfg
+    try:
+        every = [_job(i, c) for i, c in enumerate(sweep_configs)]
+    finally:
+        HydraConfig.instance().cfg = previous
+    candidates = [j for j in every if j.fusable]
+    group_of: dict[int, list[_Job]] = {}
+    for indices in group_jobs([j.cfg for j in candidates]):
+        members = [candidates[i] for i in indices]
+        group_of.update((m.index, members) for m in members)
+    units: list[list[tuple[int, Path]]] = []
+    placed: set[int] = set()
+    for job in every:
+        if job.index not in placed:
+            members = group_of.get(job.index, [job])
+            placed.update(m.index for m in members)
+            units.append([(m.index, m.out_dir) for m in members])
+    return units

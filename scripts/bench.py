@@ -18,7 +18,9 @@ Sections (all timed under ``torch.inference_mode`` with torch's default thread c
    (vanilla arch) over the same generated VOC-sized images, each run as ``python -m naclip.run -m`` in a
    fresh subprocess with the basic launcher and with ``hydra/launcher=fused``: total wall time of each,
    the ratio, peak RSS of each against one job alone (targets: fused ≤ 0.35× basic for σ, ≤ 0.5× for the
-   attentions, peak ≤ 1.5× a single job's), and whether both launchers wrote identical mIoU and IoUs.
+   attentions, peak ≤ 1.5× a single job's), and whether both launchers wrote identical mIoU and IoUs; then
+   with ``hydra/launcher=fused_submitit_local`` (the group as one submitit job, as ``fused_slurm`` submits it):
+   its wall time against the basic launcher's and whether it wrote the same mIoU and IoUs.
 
 Half precision (``--precision fp16`` / ``bf16``) runs on the CPU as well as on a GPU.
 
@@ -109,6 +111,8 @@ QUICK = {
 SIGMAS = "1,2,3,4,5,6,7,8,9,10"
 SWEEP_FUSED_TARGET = {"sigma": 0.35, "attentions": 0.5}  # fused wall time / basic wall time
 SWEEP_MEMORY_TARGET = 1.5  # fused peak RSS / one job's peak RSS
+# The fused group as one job of submitit's local executor, as hydra/launcher=fused_slurm submits it on a cluster.
+SUBMITIT_LOCAL = ["hydra/launcher=fused_submitit_local", "hydra.launcher.timeout_min=600"]
 
 
 def class_names(dataset: str) -> list[list[str]]:
@@ -570,7 +574,8 @@ def _sweep_results(folder: Path) -> dict[str, tuple[float, list[float | None]]]:
 
 
 def bench_sweep(profile: dict[str, Any], pretrained: str | None, device: str) -> dict[str, Any]:
-    """Basic vs fused launcher on a σ sweep and on Table 3's attentions, each run in a fresh subprocess."""
+    """Basic vs fused (and fused submitit-local) launcher on a σ sweep and on Table 3's attentions, each run in a
+    fresh subprocess."""
     with tempfile.TemporaryDirectory(prefix="naclip-sweep-bench-") as tmp:
         root = Path(tmp)
         make_voc_folder(root / "voc", profile["sweep_images"], profile["sweep_image"])
@@ -601,8 +606,10 @@ def bench_sweep(profile: dict[str, Any], pretrained: str | None, device: str) ->
         for name, extra in sweeps.items():
             basic = timed(f"{name}_basic", extra)
             fused = timed(f"{name}_fused", [*extra, "hydra/launcher=fused"])
+            submitit = timed(f"{name}_submitit", [*extra, *SUBMITIT_LOCAL])
             want = _sweep_results(root / "out" / "sweeps" / f"{name}_basic")
             got = _sweep_results(root / "out" / "sweeps" / f"{name}_fused")
+            by_submitit = _sweep_results(root / "out" / "sweeps" / f"{name}_submitit")
             out[name] = {
                 "jobs": len(want),
                 "basic": basic,
@@ -611,6 +618,9 @@ def bench_sweep(profile: dict[str, Any], pretrained: str | None, device: str) ->
                 "target": SWEEP_FUSED_TARGET[name],
                 "fused_peak_vs_single": fused["peak_rss_mb"] / single["peak_rss_mb"],
                 "identical": bool(want) and want == got,
+                "fused_submitit": submitit,
+                "submitit_ratio": submitit["seconds"] / basic["seconds"],
+                "submitit_identical": bool(want) and want == by_submitit,
             }
     return out
 
@@ -630,6 +640,10 @@ def format_sweep(sweep: dict[str, Any]) -> list[str]:
             f" = x{s['ratio']:.2f} (target <= {s['target']}); peak RSS basic {s['basic']['peak_rss_mb']:.0f},"
             f" fused {s['fused']['peak_rss_mb']:.0f} MiB = x{s['fused_peak_vs_single']:.2f} one job's"
             f" (target <= {sweep['memory_target']}); identical results: {s['identical']}"
+        )
+        lines.append(
+            f"    fused_submitit_local (one submitit job for the group): {s['fused_submitit']['seconds']:.1f} s"
+            f" = x{s['submitit_ratio']:.2f} basic; identical results: {s['submitit_identical']}"
         )
     return lines
 

@@ -1,1 +1,1 @@
-"""naclip's Hydra plugins: ``hydra/launcher=fused`` (see :mod:`naclip.sweep`)."""
+"""naclip's Hydra plugins: ``hydra/launcher=fused`` (:mod:`naclip.sweep`), ``fused_slurm``, ``fused_submitit_local``."""

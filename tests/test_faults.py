@@ -65,3 +65,88 @@ def test_predict_rerun_into_the_input_folder_skips_its_own_outputs(tmp_path, mon
     second = run(_predict_cfg(cache, f"image={tmp_path}"), tmp_path)
     assert second == first
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dog.png", "dog_labels.png", "dog_overlay.png"]
+
+
+# ------------------------------------------------------------------- 3, 6: tables take only the paper's setting
+def _compose_run(overrides: list[str]):
+    from hydra.core.global_hydra import GlobalHydra
+
+    config.register()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=config.config_dir(), version_base="1.3"):
+        return compose("config", overrides=overrides, return_hydra_config=True)
+
+
+def paper_result(overrides: list[str], miou: float, finished_at: str = "2026-01-01T00:00:00+00:00") -> dict:
+    """A result.json dict as a run of these overrides writes it: resolved config, Hydra choices, a full split."""
+    from omegaconf import OmegaConf
+
+    cfg = _compose_run(["dataset=voc21", *overrides])
+    choices = {k: v for k, v in cfg.hydra.runtime.choices.items() if not k.startswith("hydra") and v is not None}
+    resolved = OmegaConf.to_container(cfg, resolve=False)
+    del resolved["hydra"]
+    resolved = OmegaConf.to_container(OmegaConf.create(resolved), resolve=True)
+    return {
+        "miou": miou,
+        "choices": choices,
+        "config": resolved,
+        "finished_at": finished_at,
+        "provenance": {"random_weights": False, "partial": False, "partial_reasons": []},
+    }
+
+
+@pytest.mark.parametrize(
+    ("override", "why"),
+    [
+        ("backbone.model=ViT-B-32", "backbone.model='ViT-B-32'"),
+        ("backbone.pretrained=laion2b_s34b_b88k", "backbone.pretrained='laion2b_s34b_b88k'"),
+        ("dataset.logit_scale=100", "dataset.logit_scale=100.0"),
+        ("method=sclip attention=full arch=reduced", "method=sclip but attention=full arch=reduced"),
+    ],
+)
+def test_a_paper_cell_takes_only_the_papers_setting(override, why):
+    from naclip.tables import build_tables, setting_note
+
+    paper = paper_result([], 58.0)
+    other = paper_result(override.split(), 70.0, finished_at="2026-06-01T00:00:00+00:00")  # newer
+    assert other["choices"]["backbone"] == "b16" and other["choices"]["dataset"] == "voc21"
+    table1 = build_tables([paper, other])["table1"]
+    assert table1.value("NACLIP", "V21") == 58.0
+    assert build_tables([other])["table1"].value("NACLIP", "V21") is None
+    note = setting_note([paper, other])
+    assert note.startswith("left out 1 results not run in the paper's setting") and why in note
+    assert setting_note([paper]) is None
+
+
+def test_sclip_under_its_own_protocol_still_fills_its_methods_row():
+    from naclip.tables import methods_table, setting_note
+
+    sclip = paper_result(["method=sclip"], 59.0)
+    assert methods_table([sclip]).value("SCLIP", "V21") == 59.0
+    assert setting_note([sclip]) is None
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        {"miou": float("nan")},
+        {"miou": None},
+        {"config": "x"},
+        {"choices": {"dataset": ["voc21"]}},
+        {"config": {"attention": {"name": "full", "sigma": "abc"}}},
+    ],
+    ids=["nan", "null", "string-config", "list-choice", "string-sigma"],
+)
+def test_tables_skip_a_broken_result_with_a_warning(tmp_path, capsys, damage):
+    import json
+
+    from naclip.tables import main
+
+    good = paper_result([], 58.0)
+    for i, result in enumerate([good, {**good, **damage, "finished_at": "2026-06-01T00:00:00+00:00"}]):
+        (tmp_path / "results" / str(i)).mkdir(parents=True)
+        (tmp_path / "results" / str(i) / "result.json").write_text(json.dumps(result))
+    assert main(["--source", "local", str(tmp_path / "results"), "--out", str(tmp_path / "tables")]) == 0
+    captured = capsys.readouterr()
+    assert captured.err.count("naclip.tables: warning: skipping") == 1
+    assert "| NACLIP | 58.0 |" in captured.out

@@ -302,6 +302,9 @@ def load_plugins(modules: Any) -> None:
             importlib.import_module(module)
         except ImportError as err:
             raise ValueError(f"plugins: cannot import {module!r} ({err}); is it on PYTHONPATH?") from err
+        except Exception as err:  # the module's own code fails (SyntaxError, NameError, ...): name it, no traceback
+            reason = " ".join(f"{type(err).__name__}: {err}".split())
+            raise ValueError(f"plugins: importing {module!r} failed ({reason}); fix that module") from err
 
 
 def check_protocol_choice() -> None:

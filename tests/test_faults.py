@@ -150,3 +150,130 @@ def test_tables_skip_a_broken_result_with_a_warning(tmp_path, capsys, damage):
     captured = capsys.readouterr()
     assert captured.err.count("naclip.tables: warning: skipping") == 1
     assert "| NACLIP | 58.0 |" in captured.out
+
+
+# --------------------------------------------------- 2, 4, 7, 11, 16: plug-ins and fused sweeps, one line per job
+SMOKE = ["dataset=synthetic", "backbone=b32", "backbone.pretrained=null", "num_workers=0", "dataset.num_images=2"]
+
+
+@pytest.fixture
+def plugin_attentions():
+    """Plug-in attentions that go wrong: NaN output, an exception, the wrong shape (unregistered afterwards)."""
+    import torch
+
+    from naclip.attention import ATTENTIONS, register_attention
+
+    def boom(q, k, v, prior):
+        raise RuntimeError("plug-in bug")
+
+    register_attention("i18_nan", lambda q, k, v, prior: v * float("nan"), uses_sigma=False)
+    register_attention("i18_inf", lambda q, k, v, prior: v.clone().fill_(float("inf")), uses_sigma=False)
+    register_attention("i18_boom", boom, uses_sigma=False)
+    register_attention("i18_shape", lambda q, k, v, prior: torch.cat([v, v], dim=-1), uses_sigma=False)
+    yield
+    for name in ("i18_nan", "i18_inf", "i18_boom", "i18_shape"):
+        ATTENTIONS.pop(name, None)
+
+
+@pytest.fixture
+def run_env(tmp_path, monkeypatch, cache):
+    monkeypatch.setenv("NACLIP_OUTPUT", str(tmp_path / "outputs"))
+    monkeypatch.setenv("NACLIP_CACHE", str(cache))
+    yield
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+
+
+def _task_cfg(overrides: list[str]):
+    """(task config, its config with the hydra node), HydraConfig set as naclip.run's job sees it."""
+    import copy
+
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    full = _compose_run(overrides)
+    HydraConfig.instance().set_config(full)
+    cfg = copy.deepcopy(full)
+    with open_dict(cfg):
+        del cfg["hydra"]
+    return cfg, full
+
+
+@pytest.mark.parametrize("name", ["i18_nan", "i18_inf"])
+def test_non_finite_logits_stop_the_job_naming_the_attention(tmp_path, run_env, plugin_attentions, name):
+    from naclip.run import NonFiniteLogitsError, evaluate
+
+    cfg, _ = _task_cfg([*SMOKE, f"attention.name={name}"])
+    with pytest.raises(NonFiniteLogitsError, match=rf"attention '{name}' produced non-finite logits"):
+        evaluate(cfg, tmp_path / "job")
+    assert not (tmp_path / "job" / "result.json").exists()
+
+
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        ("i18_boom", r"attention 'i18_boom' raised RuntimeError: plug-in bug"),
+        ("i18_shape", r"attention 'i18_shape' returned shape \(\d+, 12, \d+, 128\); expected \(\d+, 12, \d+, 64\)"),
+    ],
+)
+def test_a_failing_plugin_attention_is_a_one_line_error(tmp_path, run_env, plugin_attentions, name, message):
+    from naclip.run import KNOWN_ERRORS, evaluate
+
+    cfg, _ = _task_cfg([*SMOKE, f"attention.name={name}"])
+    with pytest.raises(KNOWN_ERRORS, match=message):
+        evaluate(cfg, tmp_path / "job")
+
+
+def test_a_shared_pass_failing_in_one_head_is_not_blamed_on_the_others(run_env, plugin_attentions):
+    from naclip.sweep import HeadError, evaluate_group
+
+    cfgs = [_task_cfg([*SMOKE, "attention=full"])[0], _task_cfg([*SMOKE, "attention.name=i18_nan"])[0]]
+    with pytest.raises(HeadError, match="i18_nan"):  # the launcher then runs each job alone
+        evaluate_group(cfgs)
+
+
+@pytest.mark.parametrize("bug", ["raise SyntaxErr or", "undefined_name + 1"], ids=["syntax", "name"])
+def test_a_plugin_module_that_fails_at_import_is_one_line(tmp_path, monkeypatch, bug):
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / f"i18_plugin_{len(bug)}.py").write_text(f"x = 1\n{bug}\n")
+    with pytest.raises(
+        ValueError, match=rf"plugins: importing 'i18_plugin_{len(bug)}' failed \((SyntaxError|NameError)"
+    ):
+        config.load_plugins([f"i18_plugin_{len(bug)}"])
+
+
+def test_a_fused_job_whose_result_write_fails_is_recorded_like_naclip_run(tmp_path, run_env, capsys):
+    import json
+
+    from naclip.sweep import _finish, _Job, evaluate_group
+
+    cfg, full = _task_cfg([*SMOKE, "attention.sigma=2"])
+    group = evaluate_group([cfg])
+    folder = tmp_path / "job"
+    (folder / "result.json").mkdir(parents=True)  # a folder where the result file goes
+    assert _finish(_Job(0, full, cfg, folder, True), group, group.outcomes[0])(cfg) is None
+    status = json.loads((folder / "status.json").read_text())
+    assert status["status"] == "failed" and "could not write" in status["error"]
+    assert "naclip.run: error: could not write" in capsys.readouterr().err
+
+
+def test_fused_ctrl_c_records_every_interrupted_job(tmp_path, run_env, monkeypatch):
+    import json
+
+    from naclip import sweep
+
+    def interrupted(group):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sweep, "_evaluate", interrupted)
+    configs = [
+        _task_cfg([*SMOKE, f"attention.sigma={s}", f"hydra.sweep.dir={tmp_path}", f"hydra.sweep.subdir=j{s}"])[1]
+        for s in (2, 6)
+    ]
+    with pytest.raises(SystemExit) as stop:
+        sweep.launch_fused(configs, None, lambda cfg: None, None)
+    assert stop.value.code == 130
+    for s in (2, 6):
+        status = json.loads((tmp_path / f"j{s}" / "status.json").read_text())
+        assert status == {**status, "status": "failed", "error": "interrupted, no result written"}

@@ -739,6 +739,8 @@ def main(argv: list[str] | None = None) -> int:
     """
     try:
         args = _parse(argv)
+        if Path(args.out).exists() and not Path(args.out).is_dir():
+            raise ValueError(f"--out {args.out!r} is a file, not a folder; pass a folder for the CSVs and the plot")
         kind, location = args.source
         results = load_source(kind, location).results()
         if not results:
@@ -753,11 +755,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f"naclip.tables: {line}", file=sys.stderr)
     tables = {**build_tables(results), "methods": methods_table(results)}
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    for name, table in tables.items():
-        print(f"### {table.title}\n\n{table.to_markdown()}\n")
-        table.to_csv(out / f"{name}.csv")
-    plot = plot_sigma(results, out / "sigma_sweep.png")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        for name, table in tables.items():
+            print(f"### {table.title}\n\n{table.to_markdown()}\n")
+            table.to_csv(out / f"{name}.csv")
+        plot = plot_sigma(results, out / "sigma_sweep.png")
+    except OSError as err:
+        print(f"naclip.tables: error: cannot write to {str(out)!r}: {err.strerror or err}", file=sys.stderr)
+        return 2
     written = ", ".join([*(f"{name}.csv" for name in tables), *([plot.name] if plot else [])])
     print(f"wrote {written} to {out}")
     return 0

@@ -3,6 +3,9 @@ wrong number reported."""
 
 from __future__ import annotations
 
+import io
+import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -277,3 +280,238 @@ def test_fused_ctrl_c_records_every_interrupted_job(tmp_path, run_env, monkeypat
     for s in (2, 6):
         status = json.loads((tmp_path / f"j{s}" / "status.json").read_text())
         assert status == {**status, "status": "failed", "error": "interrupted, no result written"}
+
+
+@pytest.mark.slow
+def test_fused_and_basic_launchers_agree_on_a_plugin_that_raises(tmp_path, cache):
+    import json
+    import subprocess
+    import sys
+
+    (tmp_path / "i18_boom_plugin.py").write_text(
+        "import naclip\n\n\ndef boom(q, k, v, prior):\n    raise RuntimeError('plug-in bug')\n\n\n"
+        "naclip.register_attention('boom', boom, uses_sigma=False)\n"
+    )
+    env = {
+        **os.environ,
+        "NACLIP_CACHE": str(cache),
+        "WANDB_MODE": "offline",
+        "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]),
+    }
+    statuses = {}
+    for launcher in ("basic", "fused"):
+        args = [*SMOKE, "plugins=[i18_boom_plugin]", "attention.name=full,boom", "hydra.sweep.subdir=${attention.name}"]
+        if launcher == "fused":
+            args.append("hydra/launcher=fused")
+        proc = subprocess.run(
+            [sys.executable, "-m", "naclip.run", "-m", *args],
+            capture_output=True,
+            text=True,
+            env={**env, "NACLIP_OUTPUT": str(tmp_path / launcher)},
+            timeout=600,
+            check=False,
+        )
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+        assert "sweep summary: 1 finished, 0 skipped, 1 failed" in proc.stdout
+        folder = tmp_path / launcher / "sweeps" / "default"
+        statuses[launcher] = {
+            job: {
+                k: v
+                for k, v in json.loads((folder / job / "status.json").read_text()).items()
+                if k in ("status", "error")
+            }
+            for job in ("full", "boom")
+        }
+    assert statuses["fused"] == statuses["basic"]
+    assert statuses["basic"]["full"]["status"] == "finished"
+    assert statuses["basic"]["boom"] == {
+        "status": "failed",
+        "error": "attention 'boom' raised RuntimeError: plug-in bug",
+    }
+
+
+# ------------------------------------------------------------------------------ 5: an unwritable text cache
+def test_an_unwritable_text_cache_warns_once_and_the_run_goes_on(tmp_path, monkeypatch, caplog, b32):
+    import torch
+
+    from naclip import text
+
+    def full_disk(*args, **kwargs):  # what torch.save raises on a full or read-only disk
+        raise RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed")
+
+    monkeypatch.setattr(text.torch, "save", full_disk)
+    first = text.text_classifier(b32, ["cat", "dog"], ("a photo of a {}.",), cache_dir=tmp_path / "ro")
+    second = text.text_classifier(b32, ["cow"], ("a photo of a {}.",), cache_dir=tmp_path / "ro")
+    assert first.shape == (2, 512) and second.shape == (1, 512) and torch.isfinite(first).all()
+    warnings = [r.getMessage() for r in caplog.records if "text-classifier cache" in r.getMessage()]
+    assert len(warnings) == 1 and "going on without it" in warnings[0]
+    assert not list((tmp_path / "ro").glob("*.tmp"))
+
+
+# ------------------------------------------------------------------------ 6: hand-edited result.json files
+@pytest.mark.parametrize(
+    "damage",
+    [{"miou": None}, {"miou": "abc"}, {"miou": float("nan")}, {"miou": True}, {"config": "x"}, {"config": None}],
+    ids=["null", "string", "nan", "bool", "string-config", "null-config"],
+)
+def test_a_hand_edited_result_is_not_finished(tmp_path, run_env, damage):
+    import json
+
+    from omegaconf import OmegaConf
+
+    from naclip.results import read_finished_result
+    from naclip.run import finished_result
+
+    cfg, _ = _task_cfg(SMOKE)
+    result = {"miou": 50.0, "config": OmegaConf.to_container(cfg, resolve=True), **damage}
+    (tmp_path / "result.json").write_text(json.dumps(result))
+    assert read_finished_result(tmp_path) is None
+    assert finished_result(cfg, tmp_path) is None  # the job runs again
+
+
+# ----------------------------------------------------------------------- 12, 13: numbers that lose a result
+@pytest.mark.parametrize("override", ["dataset.logit_scale=nan", "dataset.prob_thd=inf", "dataset.logit_scale=-inf"])
+def test_a_non_finite_protocol_number_is_refused_up_front(run_env, override):
+    cfg, _ = _task_cfg([*SMOKE, override])
+    key = override.split("=")[0]
+    with pytest.raises(ValueError, match=rf"{key} must be a finite number"):
+        config.validate(cfg)
+
+
+def test_a_split_with_every_label_ignored_is_one_line_and_no_result(tmp_path, run_env):
+    from naclip.run import NoLabelledPixelsError, evaluate
+
+    root = tmp_path / "voc"
+    for folder in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
+        (root / folder).mkdir(parents=True)
+    _image(root / "JPEGImages" / "a.jpg")
+    Image.fromarray(np.full((64, 80), 255, dtype=np.uint8)).save(root / "SegmentationClass" / "a.png")
+    (root / "ImageSets" / "Segmentation" / "val.txt").write_text("a\n")
+    (tmp_path / "names.txt").write_text("sky\ntree\n")
+    overrides = [
+        "dataset=voc21",
+        f"dataset.root={root}",
+        f"dataset.class_names={tmp_path / 'names.txt'}",
+        "dataset.short_side=64",
+        "backbone=b32",
+        "backbone.pretrained=null",
+        "num_workers=0",
+    ]
+    cfg, _ = _task_cfg(overrides)
+    with pytest.raises(NoLabelledPixelsError, match="every label pixel of the 1 evaluated images is ignore_index 255"):
+        evaluate(cfg, tmp_path / "job")
+    assert not (tmp_path / "job").exists()
+
+
+# ----------------------------------------------------------------- 8, 9: file names that are not UTF-8
+def test_predict_names_a_non_utf8_file_printably_and_does_every_image(tmp_path, monkeypatch, b32, cache):
+    from naclip.predict import run
+
+    monkeypatch.setattr("naclip.clip.load_clip", lambda *args, **kwargs: b32)
+    images = tmp_path / "in"
+    images.mkdir()
+    _image(images / "a.png")
+    _image(images / os.fsdecode(b"b\xff.png"), seed=1)
+    _image(images / "c.png", seed=2)
+    stdout = io.TextIOWrapper(io.BytesIO(), encoding="utf-8", errors="strict", write_through=True)
+    monkeypatch.setattr(sys, "stdout", stdout)
+    written = run(_predict_cfg(cache, f"image={images}"), tmp_path / "out")
+    assert len(written) == 6
+    printed = stdout.buffer.getvalue().decode("utf-8").split()
+    assert sorted(Path(p).name for p in printed) == sorted(
+        ["a_labels.png", "a_overlay.png", "b\\xff_labels.png", "b\\xff_overlay.png", "c_labels.png", "c_overlay.png"]
+    )
+
+
+def _ade(root: Path, names: list[bytes]) -> dict:
+    for name in names:
+        (root / "images" / "validation").mkdir(parents=True, exist_ok=True)
+        (root / "annotations" / "validation").mkdir(parents=True, exist_ok=True)
+        _image(root / "images" / "validation" / os.fsdecode(name + b".jpg"))
+        label = np.zeros((64, 80), dtype=np.uint8)
+        Image.fromarray(label).save(root / "annotations" / "validation" / os.fsdecode(name + b".png"))
+    return {
+        "name": "ade",
+        "layout": "ade",
+        "root": str(root),
+        "split": "validation",
+        "class_names": "ade",
+        "short_side": 64,
+        "max_long_side": 2048,
+        "reduce_zero_label": True,
+    }
+
+
+def test_a_dataset_file_name_that_is_not_utf8_is_a_named_sample_error(tmp_path):
+    from naclip.data import build_dataset
+
+    dataset = build_dataset(_ade(tmp_path, [b"a", b"b\xfe"]), on_error="skip")
+    assert len(dataset) == 2
+    assert dataset[0]["error"] is None and dataset[0]["image"] is not None
+    assert dataset[1]["image"] is None
+    assert "b\\xfe.jpg' is not valid UTF-8; rename it" in dataset[1]["error"]
+    dataset[1]["error"].encode("utf-8")  # printable
+
+
+def test_a_split_file_listing_a_non_utf8_id_names_that_file(tmp_path):
+    from naclip.data import build_dataset
+
+    root = tmp_path / "voc"
+    for folder in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
+        (root / folder).mkdir(parents=True)
+    (root / "ImageSets" / "Segmentation" / "val.txt").write_bytes(b"a\nb\xfe\n")
+    for name in (b"a", b"b\xfe"):
+        _image(root / "JPEGImages" / os.fsdecode(name + b".jpg"))
+        Image.fromarray(np.zeros((64, 80), dtype=np.uint8)).save(
+            root / "SegmentationClass" / os.fsdecode(name + b".png")
+        )
+    cfg = {
+        "name": "voc21",
+        "layout": "voc",
+        "root": str(root),
+        "split": "val",
+        "class_names": "voc21",
+        "short_side": 64,
+        "max_long_side": 2048,
+    }
+    dataset = build_dataset(cfg, on_error="skip")
+    assert dataset[0]["error"] is None and "b\\xfe.jpg' is not valid UTF-8" in dataset[1]["error"]
+
+
+# --------------------------------------------------------------------------- 10, 14, 15: where output goes
+def test_a_full_output_disk_is_refused_up_front_naming_the_folder(tmp_path, monkeypatch, capsys):
+    from naclip import jobs
+
+    monkeypatch.setattr(jobs.tempfile, "TemporaryFile", lambda dir: open("/dev/full", "wb"))  # noqa: SIM115
+    assert "No space left on device" in jobs.check_writable(tmp_path)
+    with pytest.raises(SystemExit) as stop:
+        jobs.JobSummary()._require_writable(str(tmp_path))
+    assert stop.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"naclip.run: error: cannot write the output folder {tmp_path}")
+
+
+def test_tables_out_an_existing_file_is_one_line_exit_2(tmp_path, capsys):
+    import json
+
+    from naclip.tables import main
+
+    (tmp_path / "results" / "0").mkdir(parents=True)
+    (tmp_path / "results" / "0" / "result.json").write_text(json.dumps(paper_result([], 58.0)))
+    (tmp_path / "notes.txt").write_text("mine")
+    assert main(["--source", "local", str(tmp_path / "results"), "--out", str(tmp_path / "notes.txt")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        f"naclip.tables: error: --out '{tmp_path / 'notes.txt'}' is a file, not a folder; pass a folder "
+        f"for the CSVs and the plot"
+    ]
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_a_data_root_that_is_a_file_says_so(tmp_path):
+    from naclip.data import DatasetError, build_dataset
+
+    (tmp_path / "root").write_text("not a folder")
+    cfg = {**_ade(tmp_path / "unused", []), "root": str(tmp_path / "root")}
+    with pytest.raises(DatasetError, match=r"dataset root '.*root' is a file, not a folder"):
+        build_dataset(cfg)

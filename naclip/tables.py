@@ -447,11 +447,12 @@ def _method_fits(result: Mapping[str, Any]) -> bool:
 
 
 def _measured(results: Iterable[dict], choices: Mapping[str, str], protocol: str = "dataset") -> dict[str, dict]:
-    """The σ = 5 result filling each dataset's cell among the results matching ``choices`` and run in the
-    setting of ``protocol`` ("dataset": the paper's own; else that method's published one)."""
+    """The σ = 5 result filling each dataset's cell among the usable results (a NaN mIoU never fills one) matching
+    ``choices`` and run in the setting of ``protocol`` ("dataset": the paper's own; else that method's published
+    one)."""
     selected = (
         r for r in results
-        if _matches(r, choices) and math.isclose(_sigma(r), DEFAULT_SIGMA)
+        if _is_usable(r) and _matches(r, choices) and math.isclose(_sigma(r), DEFAULT_SIGMA)
         and ("method" in choices or _method_fits(r)) and _setting_mismatch(r, protocol) is None
     )
     return {str(k): v for k, v in _best_by(selected, lambda r: r["choices"].get("dataset")).items()}

@@ -121,6 +121,13 @@ def test_a_paper_cell_takes_only_the_papers_setting(override, why):
     assert setting_note([paper]) is None
 
 
+def test_a_nan_miou_never_fills_a_cell():
+    from naclip.tables import build_tables
+
+    nan = paper_result([], float("nan"), finished_at="2026-06-01T00:00:00+00:00")
+    assert build_tables([paper_result([], 58.0), nan])["table1"].value("NACLIP", "V21") == 58.0
+
+
 def test_sclip_under_its_own_protocol_still_fills_its_methods_row():
     from naclip.tables import methods_table, setting_note
 

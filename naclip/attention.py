@@ -127,6 +127,32 @@ ATTENTIONS: dict[str, AttentionVariant] = {
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*")
 
 
+class AttentionError(ValueError):
+    """A registered attention raised or returned the wrong shape; the message is one line naming it."""
+
+
+def _checked(name: str, fn: AttendFn) -> AttendFn:
+    """A user's attention, its failures turned into one-line AttentionErrors naming it (the shape check is free;
+    finiteness is checked once per batch on the logits, by the runner)."""
+
+    def attend(q: Tensor, k: Tensor, v: Tensor, prior: Tensor | None) -> Tensor:
+        try:
+            out = fn(q, k, v, prior)
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as err:
+            reason = " ".join(f"{type(err).__name__}: {err}".split())
+            raise AttentionError(f"attention {name!r} raised {reason}") from err
+        if not isinstance(out, Tensor) or out.shape != v.shape:
+            got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+            raise AttentionError(
+                f"attention {name!r} returned shape {got}; expected {tuple(v.shape)}, the (B, heads, N, d) of v"
+            )
+        return out
+
+    return attend
+
+
 def _probe_weights(attend: AttendFn) -> WeightsFn:
     """Weights of an attention that is linear in v: its output with v = the identity (one column per token)."""
 
@@ -163,7 +189,8 @@ def register_attention(
         The registered :class:`AttentionVariant`.
 
     Raises:
-        ValueError: invalid or already registered name, or ``fn`` not callable.
+        ValueError: invalid or already registered name, or ``fn`` not callable. When the variant runs, an
+            exception of ``fn`` or an output not shaped like v becomes an :class:`AttentionError` naming it.
 
     Example:
         >>> register_attention("mine", lambda q, k, v, prior: F.scaled_dot_product_attention(q, q, v),
@@ -177,6 +204,7 @@ def register_attention(
         raise ValueError(f"attention {name!r}: fn and weights must be callables (q, k, v, prior) and (q, k, prior)")
     if not (math.isfinite(row_sum) and row_sum > 0):
         raise ValueError(f"attention {name!r}: row_sum must be a positive number, got {row_sum!r}")
+    fn = _checked(name, fn)
     variant = AttentionVariant(
         name, bool(uses_sigma), fn, weights or _probe_weights(fn), description or name, float(row_sum)
     )

@@ -361,6 +361,9 @@ def load_plugins(modules: Any) -> None:
             importlib.import_module(module)
         except ImportError as err:
             raise ValueError(f"plugins: cannot import {module!r} ({err}); is it on PYTHONPATH?") from err
+        except Exception as err:  # the module's own code fails (SyntaxError, NameError, ...): name it, no traceback
+            reason = " ".join(f"{type(err).__name__}: {err}".split())
+            raise ValueError(f"plugins: importing {module!r} failed ({reason}); fix that module") from err
 
 
 def check_protocol_choice() -> None:
@@ -380,6 +383,10 @@ def check_protocol_choice() -> None:
         raise ValueError(f"unknown protocol {choice!r}; valid choices: {valid} (unset = the method's own)")
 
 
+# Protocol numbers of a run's dataset group (or predict's top level) that a NaN or inf would turn into a lost run.
+_PROTOCOL_NUMBERS = ("prob_thd", "area_thd", "logit_scale", "alpha")
+
+
 def validate(cfg: Any) -> None:
     """Checks the schema cannot express; raises ValueError with one line naming the bad value."""
     _check_known_keys(cfg)
@@ -395,6 +402,12 @@ def validate(cfg: Any) -> None:
         raise ValueError(f"unknown backbone.precision {cfg.backbone.precision!r}; valid: {list(PRECISIONS)}")
     if cfg.refine.name not in ("none", "pamr"):
         raise ValueError(f"unknown refine {cfg.refine.name!r}; valid choices: ['none', 'pamr']")
+    protocol = cfg.dataset if "dataset" in cfg else cfg
+    prefix = "dataset." if "dataset" in cfg else ""
+    for key in _PROTOCOL_NUMBERS:
+        value = protocol.get(key)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{prefix}{key} must be a finite number, got {value}")
     area_thd = cfg.dataset.area_thd if "dataset" in cfg else cfg.get("area_thd", 0.0)
     if not 0.0 <= area_thd < 1.0:
         raise ValueError(f"area_thd must be in [0, 1) (a share of the predicted foreground area), got {area_thd}")

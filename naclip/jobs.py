@@ -137,13 +137,20 @@ def slurm_unavailable(launcher: str) -> str | None:
     )
 
 
+# Bytes the writability probe writes and syncs: about what Hydra writes into a job folder first (.hydra/*.yaml),
+# so a full disk fails here with one line instead of in Hydra with a traceback (an empty file fits on a full disk).
+PROBE_BYTES = 64 * 1024
+
+
 def check_writable(folder: str | os.PathLike) -> str | None:
-    """None if files can be created in ``folder`` (made if missing), else the reason in one line."""
+    """None if files can be created and filled in ``folder`` (made if missing), else the reason in one line."""
     path = Path(folder)
     try:
         path.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=path):
-            pass
+        with tempfile.TemporaryFile(dir=path) as probe:
+            probe.write(bytes(PROBE_BYTES))
+            probe.flush()
+            os.fsync(probe.fileno())
     except OSError as err:
         return one_line(f"{type(err).__name__}: {err.strerror or err}")
     return None

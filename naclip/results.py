@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import secrets
 import subprocess
@@ -98,12 +99,17 @@ def write_result(path: Path, result: dict[str, Any]) -> Path:
 
 
 def read_finished_result(folder: Path) -> dict[str, Any] | None:
-    """The finished result.json in `folder`, or None if absent or unreadable."""
+    """The finished result.json in `folder`, or None if absent, unreadable or not of the types a run writes
+    (a finite mIoU, a config dict): a hand-edited file means the job runs again, never a traceback."""
     try:
         result = json.loads((folder / RESULT_FILE).read_text())
     except (OSError, ValueError):
         return None
-    return result if isinstance(result, dict) and "miou" in result and "config" in result else None
+    if not isinstance(result, dict) or not isinstance(result.get("config"), dict):
+        return None
+    miou = result.get("miou")
+    finite = isinstance(miou, int | float) and not isinstance(miou, bool) and math.isfinite(miou)
+    return result if finite else None
 
 
 RANDOM_WEIGHTS = "random-weights"

@@ -7,6 +7,7 @@ confusion matrices are summed across ranks, rank 0 alone writes the result.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import resource
 import sys
@@ -52,6 +53,17 @@ config.register()
 
 class NoImagesError(ValueError):
     """Every sample was skipped, so there is no score to report."""
+
+
+class NonFiniteLogitsError(ValueError):
+    """A job's logits hold NaN or inf (e.g. a plug-in attention's output): its scores would mean nothing."""
+
+
+class NoLabelledPixelsError(ValueError):
+    """Every evaluated label pixel is ignore_index, so the job has no mIoU."""
+
+
+INTERRUPTED = "interrupted, no result written"
 
 
 # Errors that are the user's input or environment: one line, never a traceback.
@@ -179,10 +191,40 @@ def evaluate(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     segmenter, mean, std = config.build_segmenter(cfg, dataset.class_names, cfg.dataset, device, timings)
     metric = IoUMetric(dataset.num_classes, ignore_index=dataset.ignore_index, device=device)
     samples: list[Sample] = []
-    stats = run_pass(cfg, shard, lambda images, sizes: [segmenter.predict_list(images, sizes)], [metric], [samples],
-                     mean, std, device, rank)
+    stats = run_pass(cfg, shard, finite_predict(segmenter, cfg.attention.name), [metric], [samples], mean, std,
+                     device, rank)
     scores = {**job_scores(metric, stats, device), **timings}
+    require_scored(scores, dataset)
     return write_result(cfg, out_dir, scores, samples, dataset, rank, world)
+
+
+def require_finite(logits: list[torch.Tensor], attention: str) -> None:
+    """Stop a job whose logits of this batch hold NaN or inf: one reduction per image, one sync per batch."""
+    if logits and not bool(torch.stack([torch.isfinite(lg).all() for lg in logits]).all()):
+        raise NonFiniteLogitsError(
+            f"attention {attention!r} produced non-finite logits (NaN or inf); no result written"
+        )
+
+
+def finite_predict(segmenter: Any, attention: str) -> Predict:
+    """One job's label maps, its logits checked finite first (NaN logits still give plausible labels)."""
+
+    @torch.no_grad()
+    def predict(images: list[torch.Tensor], sizes: list[tuple[int, int]]) -> list[list[torch.Tensor]]:
+        logits = segmenter.logits_list(images)
+        require_finite(logits, attention)
+        return [segmenter.predict_from_logits(images, logits, sizes)]
+
+    return predict
+
+
+def require_scored(scores: dict[str, Any], dataset: SegmentationDataset) -> None:
+    """Refuse a job without an mIoU (every label pixel ignored) in one line, before anything is written."""
+    if not math.isfinite(scores["miou"]):
+        raise NoLabelledPixelsError(
+            f"no mIoU: every label pixel of the {scores['num_images']} evaluated images is ignore_index "
+            f"{dataset.ignore_index}; check the labels, dataset.ignore_index and dataset.reduce_zero_label"
+        )
 
 
 def setup_device(cfg: DictConfig) -> tuple[str, int, int]:
@@ -392,8 +434,8 @@ def main(cfg: DictConfig) -> float | None:
     try:
         miou = float(evaluate(cfg, out_dir)["miou"])
     except KeyboardInterrupt:
-        print("naclip.run: interrupted, no result written", file=sys.stderr, flush=True)
-        _record(jobs.record_failure, out_dir, "interrupted, no result written")
+        print(f"naclip.run: {INTERRUPTED}", file=sys.stderr, flush=True)
+        _record(jobs.record_failure, out_dir, INTERRUPTED)
         sys.exit(130)  # stops a sweep too: the user asked to stop
     except KNOWN_ERRORS as err:
         report_failure(out_dir, err)

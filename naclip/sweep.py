@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 import torch.distributed as dist
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.utils import JobReturn, configure_log, run_job
@@ -27,7 +28,7 @@ from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from naclip import config, jobs, run
-from naclip.data import SegmentationDataset
+from naclip.data import DatasetError, SegmentationDataset
 from naclip.fused import FusedSegmenter
 from naclip.metrics import IoUMetric
 
@@ -76,6 +77,11 @@ class JobOutcome:
     timings: dict[str, float] = field(default_factory=dict)  # model load (shared) and this job's text classifier
 
 
+class HeadError(Exception):
+    """The shared pass failed in some job's own head (its attention, refine, ...); which job is unknown, so each
+    job of the group runs alone and meets its own outcome, as under the basic launcher."""
+
+
 @dataclass
 class GroupRun:
     """What :func:`evaluate_group` measured, and what writing each job's result needs."""
@@ -92,7 +98,8 @@ def evaluate_group(cfgs: Sequence[DictConfig]) -> GroupRun:
     The data and the model come from the first job's config, as they would for each job alone (same seed
     before the same calls), so every job sees the same images and weights it would see alone. A job whose
     segmenter cannot be built fails alone; a data or weights error fails the whole group, as it would fail
-    every job of it. Under torchrun the pass is sharded like one job's.
+    every job of it; an error of the pass itself that is not the data's raises :class:`HeadError`. A job
+    without an mIoU (every label ignored) fails alone. Under torchrun the pass is sharded like one job's.
     """
     lead = cfgs[0]
     device, rank, world = run.setup_device(lead)
@@ -116,12 +123,39 @@ def evaluate_group(cfgs: Sequence[DictConfig]) -> GroupRun:
         fused = FusedSegmenter(variants)
         metrics = [IoUMetric(dataset.num_classes, ignore_index=dataset.ignore_index, device=device) for _ in live]
         log.info("one pass over %d images for %d jobs", len(shard), len(live))
-        stats = run.run_pass(lead, shard, fused.predict_list, metrics, [o.samples for o in live], mean, std, device,
-                             rank)
+        attentions = [cfg.attention.name for cfg, o in zip(cfgs, outcomes, strict=True) if o.error is None]
+        try:
+            stats = run.run_pass(lead, shard, _finite_fused_predict(fused, attentions), metrics,
+                                 [o.samples for o in live], mean, std, device, rank)
+        except (DatasetError, run.NoImagesError):
+            raise  # the data fails every job alike
+        except Exception as err:
+            raise HeadError(jobs.one_line(f"{type(err).__name__}: {err}")) from err
         for outcome, metric in zip(live, metrics, strict=True):
             # collective: same job order on every rank
-            outcome.scores = {**run.job_scores(metric, stats, device), **outcome.timings}
+            scores = {**run.job_scores(metric, stats, device), **outcome.timings}
+            try:
+                run.require_scored(scores, dataset)
+                outcome.scores = scores
+            except run.NoLabelledPixelsError as err:
+                outcome.error = err
     return GroupRun(outcomes, dataset, rank, world)
+
+
+def _finite_fused_predict(fused: FusedSegmenter, attentions: Sequence[str]) -> run.Predict:
+    """Every job's label maps from one shared pass, each job's logits checked finite (see run.finite_predict)."""
+
+    @torch.no_grad()
+    def predict(images: list[torch.Tensor], sizes: list[tuple[int, int]]) -> list[list[torch.Tensor]]:
+        logits = fused.logits_list(images)
+        labels = []
+        for v, (variant, attention) in enumerate(zip(fused.variants, attentions, strict=True)):
+            run.require_finite(logits[v], attention)
+            labels.append(variant.predict_from_logits(images, logits[v], sizes))
+            logits[v] = []  # this job's full-size logits are no longer needed
+        return labels
+
+    return predict
 
 
 @dataclass
@@ -163,8 +197,12 @@ def _finish(job: _Job, group: GroupRun, outcome: JobOutcome) -> Callable[[DictCo
             return None
         assert outcome.scores is not None and group.dataset is not None, "a fused job has scores or an error"
         log.info("evaluated in one fused pass shared by %d jobs", len(group.outcomes))
-        result = run.write_result(cfg, job.out_dir, outcome.scores, outcome.samples, group.dataset, group.rank,
-                                  group.world)
+        try:
+            result = run.write_result(cfg, job.out_dir, outcome.scores, outcome.samples, group.dataset, group.rank,
+                                      group.world)
+        except run.KNOWN_ERRORS as err:  # e.g. result.json unwritable: the same line and status as naclip.run
+            run.report_failure(job.out_dir, err)
+            return None
         miou = float(result["miou"])
         if group.rank == 0:
             jobs.record_success(job.out_dir, miou)
@@ -199,13 +237,19 @@ def _log_into_every_job(group: list[_Job]) -> None:
     configure_log(OmegaConf.create(conf), group[0].sweep_config.hydra.verbose)
 
 
-def _evaluate(group: list[_Job]) -> GroupRun:
-    """evaluate_group under the first job's Hydra config; a data or weights error fails every job of the group."""
+def _evaluate(group: list[_Job]) -> GroupRun | None:
+    """evaluate_group under the first job's Hydra config; a data or weights error fails every job of the group.
+
+    None when the pass failed in a job's own head: the caller then runs each job alone.
+    """
     previous = HydraConfig.instance().cfg
     try:
         _log_into_every_job(group)
         HydraConfig.instance().set_config(group[0].sweep_config)
         return evaluate_group([j.cfg for j in group])
+    except HeadError as err:
+        log.warning("the shared pass failed (%s); running its %d jobs one by one", err, len(group))
+        return None
     except run.KNOWN_ERRORS as err:
         return GroupRun([JobOutcome(error=err) for _ in group], None, 0, 1)
     finally:
@@ -223,7 +267,9 @@ def launch_fused(
     Groups run in the order of their first job; a job alone in its group, invalid, already finished or not
     naclip.run's runs through the app's own task function, exactly as under the basic launcher. A job that
     fails with a known error records it and does not stop the others; `naclip.jobs.JobSummary` reports every
-    job and sets the exit code at the end, as under the basic launcher. Ctrl-C stops the sweep (exit 130).
+    job and sets the exit code at the end, as under the basic launcher. A group whose shared pass fails in a
+    job's own head runs its jobs one by one, so each meets its own outcome. Ctrl-C stops the sweep (exit 130) and,
+    as naclip.run does for its job, records every job of the interrupted group as interrupted.
     """
     previous = HydraConfig.instance().cfg
     try:
@@ -246,16 +292,27 @@ def launch_fused(
         )
         configure_log(launcher_config.hydra.hydra_logging, launcher_config.hydra.verbose)
 
+    running: list[_Job] = []  # the jobs of the shared pass under way, until each has its outcome
     try:
         for job in every:
             if job.index in fused:
-                done = _evaluate(fused[job.index])
-                for member, outcome in zip(fused[job.index], done.outcomes, strict=True):
-                    launch(member, _finish(member, done, outcome))
+                group = fused[job.index]
+                running = list(group)
+                done = _evaluate(group)
+                for i, member in enumerate(group):
+                    if done is None:
+                        running.remove(member)  # alone, naclip.run records its own interruption
+                        launch(member, task_function)
+                    else:
+                        launch(member, _finish(member, done, done.outcomes[i]))
+                        running.remove(member)
             elif job.index not in in_fused:
                 launch(job, task_function)
     except KeyboardInterrupt:
-        print("naclip.run: interrupted, no result written", file=sys.stderr, flush=True)
+        print(f"naclip.run: {run.INTERRUPTED}", file=sys.stderr, flush=True)
+        for member in running:
+            if int(os.environ.get("RANK", "0")) == 0:
+                jobs.record_failure(member.out_dir, run.INTERRUPTED)
         sys.exit(130)
     finally:
         if dist.is_initialized():

@@ -5,6 +5,13 @@ finished W&B runs converted to the same dict form. Each table row is selected by
 ``choices`` (plus ``config.attention.sigma``); when several results fill the same cell a full measurement
 beats a caveated one and then the newest (``finished_at``) wins.
 
+A cell only takes a result run in the paper's setting: its resolved config holds the shipped values of its
+backbone choice (model, weights, precision), its dataset's protocol (``conf/dataset``, or the method's
+``conf/protocol`` file for a method's published protocol), its refine choice, and a method whose preset fits
+its attention and arch. Others (``backbone.model=ViT-B-32`` under ``backbone=b16``, other weights,
+``dataset.logit_scale=100``, ``method=sclip attention=full``) fill no cell; one stderr line says how many and why.
+A result without a finite mIoU, or with fields of the wrong type, is skipped with a warning.
+
 Results that are not full measurements (random weights, or a partial split: ``max_images``, skipped samples,
 fewer images than the protocol's split) are left out by default, with one line saying how many and why;
 ``include_partial`` puts them in, each such cell marked with ``†`` and a footnote.
@@ -19,10 +26,12 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import json
 import math
 import sys
 import textwrap
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -176,13 +185,28 @@ def _warn(message: str) -> None:
     print(f"naclip.tables: warning: {message}", file=sys.stderr)
 
 
+def _unusable(result: Any) -> str | None:
+    """Why a result cannot be placed in a table (None if it can): choices of names, a finite mIoU, and config
+    sections (when present) of the types a run writes. A hand-edited file never crashes the tables."""
+    if not isinstance(result, dict):
+        return "not a JSON object"
+    choices = result.get("choices")
+    if not isinstance(choices, dict) or not all(isinstance(v, str) for v in choices.values()):
+        return "no 'choices' dict of option names"
+    miou = result.get("miou")
+    if isinstance(miou, bool) or not isinstance(miou, int | float) or not math.isfinite(miou):
+        return f"mIoU {miou!r} is not a finite number"
+    config = result.get("config", {})
+    if not isinstance(config, dict) or not all(isinstance(v, dict) for k, v in config.items() if k in _SECTIONS):
+        return "'config' is not a dict of config sections"
+    sigma = (config.get("attention") or {}).get("sigma")
+    if sigma is not None and (isinstance(sigma, bool) or not isinstance(sigma, int | float)):
+        return f"attention.sigma {sigma!r} is not a number"
+    return None
+
+
 def _is_usable(result: Any) -> bool:
-    """A result needs its choices and a numeric mIoU to be placed in a table."""
-    return (
-        isinstance(result, dict)
-        and isinstance(result.get("choices"), dict)
-        and isinstance(result.get("miou"), int | float)
-    )
+    return _unusable(result) is None
 
 
 class LocalSource:
@@ -201,8 +225,9 @@ class LocalSource:
             except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
                 _warn(f"skipping unreadable {path}: {type(err).__name__}")
                 continue
-            if not _is_usable(data):
-                _warn(f"skipping {path}: no 'choices' dict or numeric 'miou'")
+            why = _unusable(data)
+            if why is not None:
+                _warn(f"skipping {path}: {why}")
                 continue
             found.append(data)
         return found
@@ -234,10 +259,11 @@ class WandbSource:
             if getattr(run, "state", None) != "finished":
                 continue
             result = run_to_result(run)
-            if _is_usable(result):
+            why = _unusable(result)
+            if why is None:
                 found.append(result)
             else:
-                _warn(f"skipping W&B run {getattr(run, 'name', '?')!r}: no 'choices' or numeric 'miou'")
+                _warn(f"skipping W&B run {getattr(run, 'name', '?')!r}: {why}")
         return found
 
 
@@ -337,10 +363,128 @@ def _best_by(results: Iterable[dict], key: Callable[[dict], _K]) -> dict[_K, dic
     return best
 
 
-def _measured(results: Iterable[dict], choices: Mapping[str, str]) -> dict[str, dict]:
-    """The σ = 5 result filling each dataset's cell among the results matching ``choices``."""
-    selected = (r for r in results if _matches(r, choices) and math.isclose(_sigma(r), DEFAULT_SIGMA))
+# Config sections compared with the shipped setting, and dataset keys that say where the data lives or how it is
+# reported, not what is computed on it.
+_SECTIONS = ("backbone", "dataset", "refine", "attention", "arch")
+_WHERE_KEYS = frozenset(
+    {"name", "root", "hf_path", "hf_name", "data_files", "image_column", "label_column", "num_images", "image_size",
+     "seed", "background_index", "expected_images"}
+)
+
+
+@functools.cache
+def _shipped(group: str, option: str) -> dict[str, Any] | None:
+    """A config option as shipped (``conf/<group>/<option>.yaml``, interpolations unresolved); None if absent."""
+    from omegaconf import OmegaConf
+
+    from naclip.config import config_dir
+
+    path = Path(config_dir()) / group / f"{option}.yaml"
+    return OmegaConf.to_container(OmegaConf.load(path), resolve=False) if path.is_file() else None  # type: ignore
+
+
+@functools.cache
+def _paper_setting(backbone: str, dataset: str, refine: str, protocol: str) -> dict[str, dict[str, Any]] | None:
+    """The values a result of these choices must hold to be the paper's (or a method's published) setting:
+    the shipped backbone, refine and dataset options, the dataset's schema defaults under them, and for a
+    method's protocol (``protocol`` != "dataset") its ``conf/protocol/<protocol>_<dataset>.yaml`` on top."""
+    from dataclasses import asdict
+
+    from naclip.config import DatasetConfig, RefineConfig
+
+    shipped = {"backbone": _shipped("backbone", backbone), "dataset": _shipped("dataset", dataset),
+               "refine": _shipped("refine", refine)}
+    if any(v is None for v in shipped.values()):
+        return None
+    overlay = {} if protocol == "dataset" else _shipped("protocol", f"{protocol}_{dataset}")
+    if overlay is None:
+        return None
+    defaults = {k: v for k, v in asdict(DatasetConfig()).items() if v != "???"}
+    dataset_values = {**defaults, **shipped["dataset"], **overlay}
+    return {
+        "backbone": {k: v for k, v in shipped["backbone"].items() if k not in ("name", "device")},
+        "dataset": {k: v for k, v in dataset_values.items() if k not in _WHERE_KEYS},
+        "refine": {**asdict(RefineConfig()), **shipped["refine"]},
+    }
+
+
+def _same(got: Any, want: Any) -> bool:
+    if isinstance(got, int | float) and isinstance(want, int | float) and not isinstance(got, bool):
+        return math.isclose(got, want)
+    return got == want
+
+
+def _method(result: Mapping[str, Any]) -> str:
+    """The method preset a result was run with (``naclip`` for results written before the method group)."""
+    return str(result["choices"].get("method") or (result.get("config") or {}).get("method") or "naclip")
+
+
+def _setting_mismatch(result: Mapping[str, Any], protocol: str = "dataset") -> str | None:
+    """The first value by which a result's resolved config leaves the shipped setting of its choices (None if
+    none does). A key the result lacks (written before the key existed) is not held against it."""
+    choices = result["choices"]
+    setting = _paper_setting(str(choices.get("backbone")), str(choices.get("dataset")),
+                             str(choices.get("refine", "none")), protocol)
+    if setting is None:
+        return None if protocol == "dataset" else f"no published protocol {protocol!r} for this dataset"
+    config = result.get("config") or {}
+    for section, want in setting.items():
+        got = config.get(section) or {}
+        for key, value in want.items():
+            if key in got and not _same(got[key], value):
+                return f"{section}.{key}={got[key]!r} (paper setting: {value!r})"
+    return None
+
+
+def _method_fits(result: Mapping[str, Any]) -> bool:
+    """NACLIP's ablations run under method=naclip; another method counts only with its own attention and arch
+    and NACLIP's protocol (``method=clip`` is the vanilla row), so ``method=sclip attention=full`` fills none."""
+    method = _method(result)
+    spec = METHODS.get(method)
+    choices = result["choices"]
+    return method == "naclip" or (
+        spec is not None and spec.protocol == "dataset"
+        and (choices.get("attention"), choices.get("arch")) == (spec.attention, spec.arch)
+    )
+
+
+def _measured(results: Iterable[dict], choices: Mapping[str, str], protocol: str = "dataset") -> dict[str, dict]:
+    """The σ = 5 result filling each dataset's cell among the usable results (a NaN mIoU never fills one) matching
+    ``choices`` and run in the setting of ``protocol`` ("dataset": the paper's own; else that method's published
+    one)."""
+    selected = (
+        r for r in results
+        if _is_usable(r) and _matches(r, choices) and math.isclose(_sigma(r), DEFAULT_SIGMA)
+        and ("method" in choices or _method_fits(r)) and _setting_mismatch(r, protocol) is None
+    )
     return {str(k): v for k, v in _best_by(selected, lambda r: r["choices"].get("dataset")).items()}
+
+
+def _why_not_paper(result: Mapping[str, Any]) -> str | None:
+    """Why a result of a paper dataset and backbone can fill no cell of any table (None if it can)."""
+    choices = result["choices"]
+    if choices.get("dataset") not in DATASET_COLUMNS or choices.get("backbone") not in BACKBONE_HEADERS:
+        return None
+    mismatch = _setting_mismatch(result, _protocol(result))
+    if mismatch is not None:
+        return mismatch
+    spec = METHODS.get(_method(result))
+    own = spec is not None and (choices.get("attention"), choices.get("arch")) == (spec.attention, spec.arch)
+    if _protocol(result) == "dataset" and (own or _method_fits(result)):
+        return None
+    if _protocol(result) != "dataset" and own and _protocol(result) == spec.protocol:
+        return None
+    return (f"method={_method(result)} but attention={choices.get('attention')} arch={choices.get('arch')} "
+            f"(protocol {_protocol(result)!r})")
+
+
+def setting_note(results: Iterable[dict]) -> str | None:
+    """One line: how many results fill no cell because they were not run in a paper setting, and why."""
+    reasons = Counter(why for why in map(_why_not_paper, results) if why is not None)
+    if not reasons:
+        return None
+    listed = "; ".join(f"{count} with {why}" for why, count in reasons.most_common())
+    return f"left out {sum(reasons.values())} results not run in the paper's setting ({listed})"
 
 
 def _cells(by_dataset: Mapping[str, dict], datasets: Sequence[str]) -> tuple[list[Cell], list[bool]]:
@@ -485,7 +629,7 @@ def methods_table(results: list[dict]) -> Table:
         if spec.protocol != "dataset":
             protocols.append(("dataset", f"{spec.label} (shared protocol)"))
         for protocol, label in protocols:
-            measured = _measured([r for r in results if _protocol(r) == protocol], choices)
+            measured = _measured([r for r in results if _protocol(r) == protocol], choices, protocol)
             values, flags = _cells(measured, list(DATASET_COLUMNS))
             table.add_row(label, values, _marked_columns(table.columns, flags))
         table.add_row(f"{spec.label} (published, {spec.source})", [*spec.published, _mean_if_complete(spec.published)])
@@ -676,6 +820,8 @@ def main(argv: list[str] | None = None) -> int:
     """
     try:
         args = _parse(argv)
+        if Path(args.out).exists() and not Path(args.out).is_dir():
+            raise ValueError(f"--out {args.out!r} is a file, not a folder; pass a folder for the CSVs and the plot")
         kind, location = args.source
         results = load_source(kind, location).results()
         if not results:
@@ -692,22 +838,27 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         print(f"naclip.tables: exported {len(results)} results to {exported}", file=sys.stderr)
     results, note = select_results(results, args.include_partial)
-    if note:
-        print(f"naclip.tables: {note}", file=sys.stderr)
+    for line in (note, setting_note(results)):
+        if line:
+            print(f"naclip.tables: {line}", file=sys.stderr)
     tables = {**build_tables(results), "methods": methods_table(results)}
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    for name, table in tables.items():
-        print(f"### {table.title}\n\n{table.to_markdown()}\n")
-        table.to_csv(out / f"{name}.csv")
-    plot_path = out / SIGMA_PLOT
-    plot = plot_sigma(results, plot_path)
-    if plot is None and plot_path.is_file():  # an earlier run's plot beside these tables would not match them
-        plot_path.unlink()
-        print(
-            f"naclip.tables: removed the earlier {SIGMA_PLOT} from {out}: this run has no σ-sweep results",
-            file=sys.stderr,
-        )
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        for name, table in tables.items():
+            print(f"### {table.title}\n\n{table.to_markdown()}\n")
+            table.to_csv(out / f"{name}.csv")
+        plot_path = out / SIGMA_PLOT
+        plot = plot_sigma(results, plot_path)
+        if plot is None and plot_path.is_file():  # an earlier run's plot beside these tables would not match them
+            plot_path.unlink()
+            print(
+                f"naclip.tables: removed the earlier {SIGMA_PLOT} from {out}: this run has no σ-sweep results",
+                file=sys.stderr,
+            )
+    except OSError as err:
+        print(f"naclip.tables: error: cannot write to {str(out)!r}: {err.strerror or err}", file=sys.stderr)
+        return 2
     written = ", ".join([*(f"{name}.csv" for name in tables), *([plot.name] if plot else [])])
     print(f"wrote {written} to {out}")
     return 0

@@ -161,14 +161,23 @@ def _read_cache(path: Path, rows: int) -> Tensor | None:
     return None
 
 
+_UNWRITABLE: set[Path] = set()  # cache folders already reported unwritable in this process
+
+
 def _write_cache(path: Path, classifier: Tensor) -> None:
-    """Write through a temp file and rename, so readers never see half a file; a failed write only warns."""
+    """Write through a temp file and rename, so readers never see half a file. A folder that cannot take it
+    (read-only, full, not a folder: torch.save raises RuntimeError there, not OSError) warns once and the run
+    goes on without the cache."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.save(classifier.cpu(), tmp)
         os.replace(tmp, path)
-    except OSError as err:
+    except (OSError, RuntimeError) as err:
         with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)
-        log.warning("could not write the text-classifier cache %s (%s)", path, err)
+        if path.parent not in _UNWRITABLE:
+            _UNWRITABLE.add(path.parent)
+            reason = " ".join(f"{type(err).__name__}: {err}".split())[:200]
+            log.warning("could not write the text-classifier cache in %s (%s); going on without it", path.parent,
+                        reason)

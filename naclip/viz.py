@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw, ImageFont, PngImagePlugin
 from torch import Tensor, nn
 
 from naclip.attention import ATTENTIONS, attention_weights, gaussian_prior, get_attention
@@ -252,11 +252,17 @@ def overlay(
     return blended
 
 
-def palette_png(labels: ArrayLike, path: str | os.PathLike, class_names: Sequence[str] | None = None) -> Path:
+def palette_png(
+    labels: ArrayLike,
+    path: str | os.PathLike,
+    class_names: Sequence[str] | None = None,
+    pnginfo: PngImagePlugin.PngInfo | None = None,
+) -> Path:
     """Write a label map as a palette ("P") PNG: pixel value = class index, colours = the VOC palette.
 
     This is the format of PASCAL VOC ground truth, so the files load back as class indices with PIL. With
     ``class_names`` the colours are :func:`class_colours` (those of :func:`overlay`): only background is black.
+    ``pnginfo``: text chunks to store (naclip.predict marks its outputs with one).
     """
     label_map = _as_labels(labels)
     if label_map.size and (label_map.min() < 0 or label_map.max() > 255):
@@ -268,7 +274,7 @@ def palette_png(labels: ArrayLike, path: str | os.PathLike, class_names: Sequenc
     palette = label_colormap() if class_names is None else class_colours(class_names)
     png.putpalette(palette.flatten().tolist())
     path = Path(path)
-    png.save(path, format="PNG")
+    png.save(path, format="PNG", pnginfo=pnginfo)
     return path
 
 

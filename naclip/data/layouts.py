@@ -113,14 +113,40 @@ def _root(cfg: Mapping[str, Any]) -> Path:
     if cfg.get("root") is None:
         raise DatasetError(f"{_dataset_name(cfg)}: dataset.root is not set; {_FIX_HINT}")
     root = Path(os.path.abspath(os.path.expanduser(str(cfg["root"]))))
+    if root.exists() and not root.is_dir():
+        raise DatasetError(f"{_dataset_name(cfg)}: dataset root '{root}' is a file, not a folder; {_FIX_HINT}")
     if not root.is_dir():
         raise DatasetError(f"{_dataset_name(cfg)}: dataset root '{root}' does not exist; {_FIX_HINT}")
     return root
 
 
+def _printable(text: str | os.PathLike) -> str:
+    """A file name as valid UTF-8 text: bytes that are not UTF-8 appear as ``\\xff`` escapes."""
+    return os.fsencode(text).decode("utf-8", errors="backslashreplace")
+
+
+def _not_utf8(path: Path) -> bool:
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
 def _path_table(names: list[str], images: list[Path], labels: list[Path]) -> datasets.Dataset:
+    """The rows of files on disk. A path that is not valid UTF-8 (Arrow stores only UTF-8 text) keeps its row,
+    printable, with an ``error`` naming it: ``on_error=raise`` stops with that line, ``skip`` leaves it out."""
+    errors = [
+        next((f"file name '{_printable(p)}' is not valid UTF-8; rename it" for p in pair if _not_utf8(p)), None)
+        for pair in zip(images, labels, strict=True)
+    ]
     return datasets.Dataset.from_dict(
-        {"name": names, "image_path": [str(p) for p in images], "label_path": [str(p) for p in labels]}
+        {
+            "name": [_printable(n) for n in names],
+            "image_path": [_printable(p) for p in images],
+            "label_path": [_printable(p) for p in labels],
+            "error": errors,
+        }
     )
 
 
@@ -132,6 +158,8 @@ class PathReader:
         return row["name"], row["image_path"], row["label_path"]
 
     def image(self, row: dict[str, Any]) -> np.ndarray:
+        if row.get("error"):
+            raise ValueError(row["error"])
         return read_rgb(row["image_path"])
 
     def label(self, row: dict[str, Any]) -> np.ndarray:
@@ -147,7 +175,9 @@ def split_file_source(spec: SplitFileSpec, cfg: Mapping[str, Any]) -> Source:
             f"{_dataset_name(cfg)}: split file '{split_file}' not found; check dataset.split={split} "
             f"(the file stem, e.g. val) or {_FIX_HINT}"
         )
-    ids = [line.strip() for line in split_file.read_text().splitlines() if line.strip()]  # an id may hold spaces
+    # an id may hold spaces; one that is not UTF-8 names a file that is not either (its row then says so)
+    text = split_file.read_text(encoding="utf-8", errors="surrogateescape")
+    ids = [line.strip() for line in text.splitlines() if line.strip()]
     if not ids:
         raise DatasetError(f"{_dataset_name(cfg)}: split file '{split_file}' lists no images; {_FIX_HINT}")
     images = [root / spec.image_dir / f"{i}{spec.image_suffix}" for i in ids]

@@ -36,7 +36,7 @@ log = logging.getLogger("naclip.sweep")
 # Config keys that only change a job's own head and post-processing: jobs differing only there share a pass.
 HEAD_KEYS = (
     "method", "attention", "arch", "refine", "dataset.prob_thd", "dataset.area_thd", "dataset.logit_scale",
-    "dataset.protocol",
+    "dataset.protocol", "gem", "clip_surgery", "method_options",
 )
 # Per-job bookkeeping that changes neither the shared pass nor the numbers.
 JOB_KEYS = ("logger", "force", "experiment_name", "output_root", "text_cache_dir", "log_every")

@@ -218,8 +218,14 @@ BACKGROUND = ("voc21", "pc60", "coco_object")
 PROTOCOLS = {  # GEM: its code's 448 input everywhere; CLIP Surgery: the datasets' own (NACLIP's) values
     "gem": {d: (448, 448, 224, 40.0, 0.1 if d in BACKGROUND else 0.0, 0.0) for d in BENCHMARKS},
     "clip_surgery": {
-        d: (560 if d == "cityscapes" else 336, 0 if d in ("voc21", "voc20") else 224, 112, 40.0,
-            0.1 if d in BACKGROUND else 0.0, 0.0)
+        d: (
+            560 if d == "cityscapes" else 336,
+            0 if d in ("voc21", "voc20") else 224,
+            112,
+            40.0,
+            0.1 if d in BACKGROUND else 0.0,
+            0.0,
+        )
         for d in BENCHMARKS
     },
 }
@@ -242,7 +248,9 @@ def test_config_options_reach_the_method(b32):
     method = build_method(name, DenseEncoder(b32), **options)
     assert (method.first, method.iterations, method.temperature) == (12 - 3, 2, 2.5)
     assert config.method_spec(compose_run(["method=clip_surgery", "clip_surgery.depth=3"])) == (
-        "clip_surgery", {"depth": 3})
+        "clip_surgery",
+        {"depth": 3},
+    )
     assert config.method_spec(compose_run(["method=sclip"])) == (None, {})
 
 
@@ -259,10 +267,20 @@ def test_option_typos_and_stray_method_options_fail():
 
 def test_methods_table_rows_for_registered_methods():
     def fake(method, dataset, miou, protocol, attention):
-        choices = {"backbone": "b16", "refine": "none", "method": method, "dataset": dataset,
-                   "attention": attention, "arch": "vanilla"}
-        return {"choices": choices, "miou": miou, "finished_at": "2026-01-01T00:00:00+00:00",
-                "config": {"dataset": {"protocol": protocol}, "attention": {"sigma": None}}}
+        choices = {
+            "backbone": "b16",
+            "refine": "none",
+            "method": method,
+            "dataset": dataset,
+            "attention": attention,
+            "arch": "vanilla",
+        }
+        return {
+            "choices": choices,
+            "miou": miou,
+            "finished_at": "2026-01-01T00:00:00+00:00",
+            "config": {"dataset": {"protocol": protocol}, "attention": {"sigma": None}},
+        }
 
     results = [fake("gem", d, 40.0 + i, "gem", "full" if i else "vanilla") for i, d in enumerate(BENCHMARKS)]
     results.append(fake("clip_surgery", "voc21", 12.5, "dataset", "vanilla"))
@@ -303,10 +321,16 @@ def test_readme_method_plugin_example_end_to_end(tmp_path):
         (tmp_path / rel).write_text(body)
     argv = shlex.split(command)
     assert argv[:3] == ["python", "-m", "naclip.run"]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "NACLIP_OUTPUT": str(tmp_path / "out"),
-           "NACLIP_CACHE": str(tmp_path / "cache"), "WANDB_MODE": "offline"}
-    proc = subprocess.run([sys.executable, *argv[1:]], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=600, check=False)
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "NACLIP_OUTPUT": str(tmp_path / "out"),
+        "NACLIP_CACHE": str(tmp_path / "cache"),
+        "WANDB_MODE": "offline",
+    }
+    proc = subprocess.run(
+        [sys.executable, *argv[1:]], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600, check=False
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     (result_file,) = (tmp_path / "out").rglob("result.json")
     result = json.loads(result_file.read_text())

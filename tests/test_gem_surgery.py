@@ -336,3 +336,16 @@ def test_readme_method_plugin_example_end_to_end(tmp_path):
     result = json.loads(result_file.read_text())
     assert result["config"]["method"] == "early_kk" and result["config"]["plugins"] == ["my_method"]
     assert result["config"]["method_options"] == {"block": -3} and result["num_images"] > 0
+
+
+def test_fused_launcher_groups_the_methods_with_their_backbone():
+    """Under hydra/launcher=fused, gem and clip_surgery jobs (and their options) share the pass of NACLIP's."""
+    from naclip.sweep import group_key
+
+    base = ["dataset=pc59", "protocol=shared"]
+    keys = {
+        group_key(compose_run([*base, *extra]))
+        for extra in (["method=naclip"], ["method=gem", "gem.depth=4"], ["method=clip_surgery"], ["method=gem"])
+    }
+    assert len(keys) == 1
+    assert group_key(compose_run(["dataset=pc59", "method=gem"])) not in keys  # GEM's own protocol: other crops

@@ -158,8 +158,30 @@ class SCCLIPConfig:
 
 
 @dataclass
+class GemOptions:
+    """`gem.*`: GEM's self-self path (naclip.methods.gem), named after the authors' gem_depth, ss_attn_iter and
+    ss_attn_temp."""
+
+    depth: int = 7  # the last depth-1 blocks get the path
+    iterations: int = 1
+    temperature: float | None = None  # None = adaptive (mean token norm × 1/√d)
+
+
+@dataclass
+class ClipSurgeryOptions:
+    """`clip_surgery.*`: CLIP Surgery's v-v path (naclip.methods.clip_surgery)."""
+
+    depth: int = 7  # the last depth-1 blocks get the path
+
+
+@dataclass
 class RunConfig(MethodConfig):
     method: str = "naclip"  # set by the `method` group: the preset the attention, arch and protocol came from
+    gem: GemOptions = field(default_factory=GemOptions)
+    clip_surgery: ClipSurgeryOptions = field(default_factory=ClipSurgeryOptions)
+    resclip: ResCLIPConfig = field(default_factory=ResCLIPConfig)
+    scclip: SCCLIPConfig = field(default_factory=SCCLIPConfig)
+    method_options: dict[str, Any] = field(default_factory=dict)  # a plug-in method's options (no schema node)
     dataset: DatasetConfig = MISSING
     logger: LoggerConfig = MISSING
     experiment_name: str = "default"
@@ -173,8 +195,6 @@ class RunConfig(MethodConfig):
     force: bool = False
     on_error: str = "raise"
     text_cache_dir: str | None = None
-    resclip: ResCLIPConfig | None = None  # set by method=resclip
-    scclip: SCCLIPConfig | None = None  # set by method=scclip
 
 
 @dataclass
@@ -216,14 +236,24 @@ def load_backbone(cfg: Any, device: str, timings: dict[str, float] | None = None
 
 def method_spec(cfg: Any) -> tuple[str | None, dict[str, Any]]:
     """The registered method a config selects and its options (the top-level node named after it, e.g.
-    ``resclip.base``); (None, {}) for the presets that only set the last block's attention and arch."""
+    ``resclip.base``, or ``method_options`` for a plug-in method the schema has no node for); (None, {}) for the
+    presets that only set the last block's attention and arch."""
     from naclip.methods import list_methods
 
     name = cfg.get("method")
+    extra = cfg.get("method_options") or {}
     if name not in list_methods():
+        if extra:
+            raise ValueError(
+                f"method_options given but method {name!r} is not registered; registered: "
+                f"{list_methods()} (is its module in `plugins`?)"
+            )
         return None, {}
     node = cfg.get(name)
-    return name, (OmegaConf.to_container(node, resolve=True) if node is not None else {})
+    if node is not None and extra:
+        raise ValueError(f"method {name!r} takes its options from `{name}.*`, not method_options")
+    chosen = node if node is not None else extra
+    return name, (OmegaConf.to_container(chosen, resolve=True) if OmegaConf.is_config(chosen) else dict(chosen))
 
 
 def build_segmenter(
@@ -391,6 +421,7 @@ def validate(cfg: Any) -> None:
     """Checks the schema cannot express; raises ValueError with one line naming the bad value."""
     _check_known_keys(cfg)
     load_plugins(cfg.get("plugins"))
+    method_spec(cfg)
     check_protocol_choice()
     get_attention(cfg.attention.name)
     if cfg.arch.name not in list_archs():

@@ -37,7 +37,7 @@ log = logging.getLogger("naclip.sweep")
 # Config keys that only change a job's own head and post-processing: jobs differing only there share a pass.
 HEAD_KEYS = (
     "method", "attention", "arch", "refine", "dataset.prob_thd", "dataset.area_thd", "dataset.logit_scale",
-    "dataset.protocol", "resclip", "scclip",  # a registered method's option node changes only its head
+    "dataset.protocol", "resclip", "scclip", "gem", "clip_surgery", "method_options",  # a method's own options
 )
 # Per-job bookkeeping that changes neither the shared pass nor the numbers.
 JOB_KEYS = ("logger", "force", "experiment_name", "output_root", "text_cache_dir", "log_every")

@@ -3,7 +3,9 @@
 Sections (all timed under ``torch.inference_mode`` with torch's default thread count):
 
 1. encoder:  DenseEncoder on the sliding-window crops of one image vs ``model.encode_image`` on the same
-   crops, for every attention × arch (target ratio ≤ 1.10).
+   crops, for every attention × arch (target ratio ≤ 1.10); then each registered method (naclip.methods,
+   ``--methods``; ``--methods-only`` skips 2-8) as its Segmenter runs one chunk: the trunk with the method's
+   taps and its own part up to patch logits (21 classes), against ``encode_image`` on the same crops.
 2. batching: ``Segmenter.logits_list`` over several images with all crops batched vs one forward per crop.
 3. prior:    building the Gaussian prior (closed form) vs a cache hit, for a 14×14 and a 64×64 grid.
 4. text:     ``encode_text_trimmed`` vs the full 77-token ``model.encode_text`` on 80 templates × the VOC
@@ -63,6 +65,7 @@ from naclip import DenseEncoder, Segmenter, gaussian_prior, list_archs, list_att
 from naclip import attention as attention_module
 from naclip.clip import PRECISIONS, WeightsUnavailableError
 from naclip.data.transforms import read_rgb, rescaled_size, resize_image
+from naclip.methods import list_methods
 from naclip.text import OPENAI_TEMPLATES, encode_text_trimmed, text_classifier
 
 ENCODER_TARGET = 1.10  # NACLIP encoder time / open_clip encode_image time
@@ -225,6 +228,55 @@ def bench_encoder(
             }
         )
     return rows
+
+
+def bench_methods(
+    name: str,
+    model: nn.Module,
+    crops: Tensor,
+    methods: Sequence[str],
+    repeats: int,
+    warmup: int,
+    sync: Callable[[], None],
+) -> list[dict[str, Any]]:
+    """Each registered method as its Segmenter runs one chunk (trunk with its taps, head to patch logits, 21
+    classes of one template each) vs encode_image on the same crops."""
+    crops = crops.to(model_dtype(model))
+    names = [[f"class {i}"] for i in range(21)]
+    fns: dict[str, Callable[[], object]] = {"open_clip": lambda: model.encode_image(crops)}
+    rows, built = [], []
+    for method in methods:
+        try:
+            seg = Segmenter(model, names, method=method, templates=["a photo of a {}."], crop_batch_size=len(crops))
+        except (ValueError, RuntimeError, OSError, WeightsUnavailableError) as err:  # e.g. a second model's weights
+            rows.append({"model": name, "method": method, "crops": crops.shape[0], "error": str(err).splitlines()[0]})
+            continue
+        fns[method] = lambda seg=seg: seg.patch_logits(crops)
+        built.append(method)
+    times = time_interleaved(fns, repeats, warmup, sync)
+    for method in built:
+        ours, ref = times[method], times["open_clip"]
+        row = {"model": name, "method": method, "crops": crops.shape[0], **ms_stats("naclip", ours)}
+        rows.append({**row, **ms_stats("open_clip", ref), **paired_ratio(ours, ref)})
+    return rows
+
+
+def format_methods(rows: Sequence[dict[str, Any]]) -> list[str]:
+    lines = [
+        "Methods: trunk with the method's taps + its own part (patch logits) vs open_clip encode_image, same crops",
+        f"{'model':<10} {'method':<14} {'crops':>5} {'method ms':>18} {'open_clip ms':>18} {'ratio':>22}",
+    ]
+    for row in rows:
+        head = f"{row['model']:<10} {row['method']:<14} {row['crops']:>5} "
+        if "error" in row:
+            lines.append(f"{head}not built: {row['error']}")
+            continue
+        lines.append(
+            f"{head}{row['naclip_ms']:>9.1f} [{row['naclip_iqr_ms']:>6.1f}] "
+            f"{row['open_clip_ms']:>9.1f} [{row['open_clip_iqr_ms']:>6.1f}] "
+            f"{row['ratio']:>7.3f} [{row['ratio_p25']:.3f}-{row['ratio_p75']:.3f}]"
+        )
+    return lines
 
 
 def bench_batching(
@@ -650,6 +702,8 @@ def format_sweep(sweep: dict[str, Any]) -> list[str]:
 
 def format_report(result: dict[str, Any]) -> str:
     """The human-readable tables of a benchmark result."""
+    if "batching" not in result:  # --methods-only
+        return "\n".join(format_methods(result["methods"]))
     lines = [
         f"device={result['device']} torch={result['torch']} threads={result['threads']} "
         f"precision={result['precision']} repeats={result['repeats']} pretrained={result['pretrained']}",
@@ -667,6 +721,7 @@ def format_report(result: dict[str, Any]) -> str:
             f"{row['open_clip_ms']:>9.1f} [{row['open_clip_iqr_ms']:>6.1f}] "
             f"{row['ratio']:>7.3f} [{row['ratio_p25']:.3f}-{row['ratio_p75']:.3f}] {ok:>4}"
         )
+    lines += ["", *format_methods(result["methods"])]
     b = result["batching"]
     lines += [
         "",
@@ -746,6 +801,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--quick", action="store_true", help="tiny sizes for tests: ViT-B-32, 2 rounds, tiny images")
     parser.add_argument("--label-map", action="store_true",
                         help="also measure the peak memory of a 100-megapixel label map (bands vs one shot)")
+    parser.add_argument("--methods", nargs="+", default=None, help="registered methods to time (default all)")
+    parser.add_argument("--methods-only", action="store_true", help="run only the encoder section's methods")
     parser.add_argument("--sweep", action="store_true", help="also run the basic vs fused launcher sweep section")
     parser.add_argument("--sweep-only", action="store_true", help="run only the sweep section")
     parser.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
@@ -769,6 +826,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     for name in [*args.models, args.memory_model]:
         if name not in known:
             parser.error(f"unknown open_clip model {name!r}; e.g. ViT-B-16, ViT-B-32, ViT-L-14")
+    args.methods = args.methods or list_methods()
+    unknown = sorted(set(args.methods) - set(list_methods()))
+    if unknown:
+        parser.error(f"unknown method {unknown[0]!r}; registered: {', '.join(list_methods())}")
     if args.repeats < 1 or args.text_repeats < 1:
         parser.error(f"--repeats and --text-repeats must be >= 1, got {args.repeats} and {args.text_repeats}")
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -799,12 +860,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "warmup": warmup,
         "encoder_image": list(profile["encoder_image"]),
         "encoder": [],
+        "methods": [],
     }
     with torch.inference_mode():
         for i, name in enumerate(args.models):
             model = load_clip(name, args.pretrained, device=device, precision=args.precision)
-            print(f"[bench] encoder {name} ...", file=sys.stderr, flush=True)
-            result["encoder"] += bench_encoder(name, model, crops, args.repeats, warmup, sync)
+            if not args.methods_only:
+                print(f"[bench] encoder {name} ...", file=sys.stderr, flush=True)
+                result["encoder"] += bench_encoder(name, model, crops, args.repeats, warmup, sync)
+            print(f"[bench] methods {name} ...", file=sys.stderr, flush=True)
+            result["methods"] += bench_methods(name, model, crops, args.methods, args.repeats, warmup, sync)
+            if args.methods_only:
+                del model
+                continue
             if i == 0:
                 print(f"[bench] batching {name} ...", file=sys.stderr, flush=True)
                 result["batching"] = bench_batching(
@@ -814,6 +882,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 result["text"] = bench_text(name, model, device, profile["text_names"], args.text_repeats, sync)
             del model
             gc.collect()
+        if args.methods_only:
+            return result
         print("[bench] prior ...", file=sys.stderr, flush=True)
         result["prior"] = bench_prior(device, args.repeats, warmup, sync)
     print("[bench] data ...", file=sys.stderr, flush=True)

@@ -422,7 +422,9 @@ def test_method_options_are_checked_early():
         compose_run(["method=resclip", "resclip.bsae=sclip"])
     with pytest.raises(Exception, match=r"scclip\.res_cls"):
         compose_run(["method=scclip", "scclip.res_cls=high"])
-    assert compose_run(["method=naclip"]).resclip is None  # other methods carry no such node
+    # the node is always there (a sweep `method=resclip,naclip resclip.base=sclip` composes); only resclip reads it
+    other = compose_run(["method=naclip", "resclip.base=sclip"])
+    assert other.resclip.base == "sclip" and config.method_spec(other) == (None, {})
 
 
 def test_fused_sweeps_share_the_trunk_across_method_options():

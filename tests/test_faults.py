@@ -315,7 +315,6 @@ def test_fused_and_basic_launchers_agree_on_a_plugin_that_raises(tmp_path, cache
             capture_output=True,
             text=True,
             env={**env, "NACLIP_OUTPUT": str(tmp_path / launcher)},
-            timeout=600,
             check=False,
         )
         assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]

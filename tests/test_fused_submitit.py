@@ -163,7 +163,6 @@ def cli(args: list[str], out: Path, cache: Path, **extra_env: str) -> subprocess
         capture_output=True,
         text=True,
         env=env,
-        timeout=900,
         check=False,
     )
 

@@ -329,7 +329,7 @@ def test_readme_method_plugin_example_end_to_end(tmp_path):
         "WANDB_MODE": "offline",
     }
     proc = subprocess.run(
-        [sys.executable, *argv[1:]], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600, check=False
+        [sys.executable, *argv[1:]], cwd=tmp_path, env=env, capture_output=True, text=True, check=False
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     (result_file,) = (tmp_path / "out").rglob("result.json")

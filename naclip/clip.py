@@ -198,8 +198,16 @@ def load_clip(
 
 
 def image_mean_std(name: str, pretrained: str | None) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Normalization constants that travel with the weights (OpenAI's when unknown or random)."""
-    if pretrained and pretrained in open_clip.list_pretrained_tags_by_model(name):
-        cfg = open_clip.get_pretrained_cfg(name, pretrained)
-        return tuple(cfg.get("mean", OPENAI_MEAN)), tuple(cfg.get("std", OPENAI_STD))
-    return OPENAI_MEAN, OPENAI_STD
+    """Normalization constants that travel with the weights: the tag's open_clip preprocessing config.
+
+    For a local file or random weights: the values every pretrained tag of the model shares (SigLIP: 0.5, EVA02:
+    OpenAI's), OpenAI's when the tags disagree (ViT-L-14: OpenAI vs LAION) or the model has none.
+    """
+    tags = open_clip.list_pretrained_tags_by_model(name)
+    if pretrained in tags:
+        tags = [pretrained]
+    values = set()
+    for tag in tags:
+        cfg = open_clip.get_pretrained_cfg(name, tag)
+        values.add((tuple(cfg.get("mean", OPENAI_MEAN)), tuple(cfg.get("std", OPENAI_STD))))
+    return values.pop() if len(values) == 1 else (OPENAI_MEAN, OPENAI_STD)

@@ -417,7 +417,7 @@ def test_main_without_sweep_results_writes_no_png(tmp_path, capsys):
     assert main(["--source", "local", str(tmp_path / "outputs"), "--out", str(out)]) == 0
     assert not (out / "sigma_sweep.png").exists()
     captured = capsys.readouterr()
-    assert "wrote table1.csv, table2.csv, table3.csv, table4.csv, methods.csv to" in captured.out
+    assert "wrote backbones.csv, table1.csv, table2.csv, table3.csv, table4.csv, methods.csv to" in captured.out
     assert "no σ-sweep results" in captured.err
 
 

@@ -202,7 +202,7 @@ def _expected(attention: str, q, k, v, prior) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("attention", ["vanilla", "full", "qq", "kk_sim", "csa", "value", "n_only"])
-@pytest.mark.parametrize("name", FAST)
+@pytest.mark.parametrize("name", FAMILIES)
 def test_each_attention_equals_an_independent_formulation(name, attention):
     model = family(name)
     x = images((224, 224), seed=5)
@@ -249,7 +249,7 @@ def test_siglip_has_no_class_token_and_its_prior_covers_patches_only():
         enc.require_class_token("feature surgery")
 
 
-@pytest.mark.parametrize("name", FAST)
+@pytest.mark.parametrize("name", FAMILIES)
 def test_segmenter_end_to_end(name):
     model = family(name)
     tokenizer = get_tokenizer(name, random_weights=True)
@@ -302,26 +302,29 @@ def test_cli_run_on_synthetic_data(backbone, tmp_path):
     assert list(Path(tmp_path).rglob("result.json"))
 
 
-WEIGHTS = {  # family -> env var naming a local open_clip weights file (tests with real weights, skipped without)
-    "ViT-B-16-quickgelu": "NACLIP_DFN_B16",
-    "EVA02-B-16": "NACLIP_EVA02_B16",
-    "ViT-B-16-SigLIP": "NACLIP_SIGLIP_B16",
-    "ViT-B-16-SigLIP2": "NACLIP_SIGLIP2_B16",
-    "ViT-L-14": "NACLIP_LAION_L14",
-}
+WEIGHTS = [  # (model, tag, env var naming a local file of that tag's weights): real weights, skipped without
+    ("ViT-B-16", "laion2b_s34b_b88k", "NACLIP_LAION_B16"),
+    ("ViT-B-16", "datacomp_xl_s13b_b90k", "NACLIP_DATACOMP_B16"),
+    ("ViT-B-16-quickgelu", "dfn2b", "NACLIP_DFN_B16"),
+    ("ViT-B-16-quickgelu", "metaclip_fullcc", "NACLIP_METACLIP_B16"),
+    ("ViT-L-14", "laion2b_s32b_b82k", "NACLIP_LAION_L14"),
+    ("EVA02-B-16", "merged2b_s8b_b131k", "NACLIP_EVA02_B16"),
+    ("ViT-B-16-SigLIP", "webli", "NACLIP_SIGLIP_B16"),
+    ("ViT-B-16-SigLIP2", "webli", "NACLIP_SIGLIP2_B16"),
+]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", list(WEIGHTS))
-def test_real_weights_segment_the_demo_image(name):
-    path = os.environ.get(WEIGHTS[name])
+@pytest.mark.parametrize(("name", "tag", "env"), WEIGHTS)
+def test_real_weights_segment_the_demo_image(name, tag, env):
+    path = os.environ.get(env)
     if not path or not Path(path).is_file():
-        pytest.skip(f"no {name} weights: set {WEIGHTS[name]}=/path/to/open_clip weights file")
+        pytest.skip(f"no {name} weights: set {env}=/path/to/open_clip weights file")
     import reference_pipeline as ref
 
     model = load_clip(name, path)
     rgb, label = ref.demo_sample()
-    mean, std = (torch.tensor(v)[:, None, None] for v in image_mean_std(name, path))
+    mean, std = (torch.tensor(v)[:, None, None] for v in image_mean_std(name, tag))
     x = (torch.from_numpy(ref.resize(rgb, 336)).permute(2, 0, 1).float() / 255 - mean) / std
     names = ref.class_names("voc21")
     seg = Segmenter(model, names, tokenizer=get_tokenizer(name), prob_thd=0.1)

@@ -276,6 +276,12 @@ def test_text_tokenizers_per_family():
         text_classifier(family("ViT-B-16-SigLIP"), ["cat"], ["a {}"])
 
 
+@pytest.mark.parametrize("name", ["EVA02-B-16", "ViT-B-16-SigLIP"])
+def test_quick_gelu_on_a_timm_tower_fails_with_one_line(name):
+    with pytest.raises(ValueError, match=r"quick_gelu=true has no meaning .* timm"):
+        load_clip(name, None, quick_gelu=True)
+
+
 def test_mean_std_come_from_the_family():
     assert image_mean_std("ViT-B-16-SigLIP", None) == ((0.5,) * 3, (0.5,) * 3)
     assert image_mean_std("ViT-L-14", "laion2b_s32b_b82k") == ((0.5,) * 3, (0.5,) * 3)

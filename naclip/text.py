@@ -108,13 +108,13 @@ def _fingerprint(model: nn.Module) -> str:
     return h.hexdigest()
 
 
-def _text_model_supported(model: nn.Module, tokenizer: Callable[[list[str]], Tensor] | None) -> bool:
-    """Whether :func:`encode_text_trimmed` is exact: open_clip's CLIP text tower, causal mask, pooled at the end token
-    found by argmax — true for CLIP's BPE tokens only (SigLIP's towers pool the last position, without a mask)."""
-    clip_tokens = tokenizer is None or isinstance(tokenizer, open_clip.tokenizer.SimpleTokenizer)
+def _text_model_supported(model: nn.Module) -> bool:
+    """Whether :func:`encode_text_trimmed` is exact: open_clip's CLIP text tower with a causal mask, pooled at the
+    argmax token as ``encode_text`` itself pools (CLIP's BPE: the end-of-text id is the largest). SigLIP's towers
+    (last-token pooling, no mask) and EVA02's custom text tower run ``model.encode_text``."""
     needed = ("token_embedding", "positional_embedding", "transformer", "ln_final", "text_projection", "attn_mask")
     pooled_at_eot = getattr(model, "text_pool_type", "argmax") == "argmax"
-    return clip_tokens and pooled_at_eot and all(getattr(model, n, None) is not None for n in needed)
+    return pooled_at_eot and all(getattr(model, n, None) is not None for n in needed)
 
 
 @torch.no_grad()
@@ -168,7 +168,7 @@ def text_classifier(
 
     context = getattr(model, "context_length", 77)
     tokenize = tokenizer or (lambda texts: open_clip.tokenize(texts, context_length=context))
-    if _text_model_supported(model, tokenizer):
+    if _text_model_supported(model):
 
         def encode(tokens: Tensor) -> Tensor:
             return encode_text_trimmed(model, tokens)

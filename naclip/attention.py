@@ -231,19 +231,19 @@ def check_sigma(sigma: float | None) -> float:
 
 
 @lru_cache(maxsize=64)
-def _gaussian_prior_cpu(rows: int, cols: int, sigma: float) -> Tensor:
+def _gaussian_prior_cpu(rows: int, cols: int, sigma: float, prefix: int = 1) -> Tensor:
     # Separable closed form: ω[(i,j),(m,n)] = g_rows[i,m] · g_cols[j,n] with g[a,b] = exp(-(a-b)²/(2σ²)).
     def axis(n: int) -> Tensor:
         pos = torch.arange(n, dtype=torch.float64)
         return torch.exp(-((pos[:, None] - pos[None, :]) ** 2) / (2 * sigma**2))
 
     patches = torch.kron(axis(rows), axis(cols))  # (N-1, N-1), 1 on the diagonal
-    prior = torch.zeros(rows * cols + 1, rows * cols + 1, dtype=torch.float64)
-    prior[1:, 1:] = patches  # the CLS token's row and column stay 0
+    prior = torch.zeros(rows * cols + prefix, rows * cols + prefix, dtype=torch.float64)
+    prior[prefix:, prefix:] = patches  # the prefix (class) tokens' rows and columns stay 0
     return prior.float()
 
 
-_DEVICE_CACHE: dict[tuple[int, int, float, str, torch.dtype], Tensor] = {}
+_DEVICE_CACHE: dict[tuple[int, int, float, int, str, torch.dtype], Tensor] = {}
 
 
 def gaussian_prior(
@@ -251,18 +251,20 @@ def gaussian_prior(
     sigma: float,
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
+    prefix: int = 1,
 ) -> Tensor:
     """Unnormalized Gaussian neighbourhood prior ω over [CLS] + patch tokens (paper eq. 11), (N, N).
 
-    Cached per (grid, σ, device, dtype): it is built once per grid, never per crop.
+    ``prefix``: tokens before the patches (1: the class token; 0 for towers without one, e.g. SigLIP), whose
+    rows and columns are 0. Cached per (grid, σ, prefix, device, dtype): built once per grid, never per crop.
     """
     sigma = check_sigma(sigma)
     rows, cols = grid
-    key = (rows, cols, sigma, str(device), dtype)
+    key = (rows, cols, sigma, prefix, str(device), dtype)
     if key not in _DEVICE_CACHE:
         if len(_DEVICE_CACHE) > 64:
             _DEVICE_CACHE.clear()
-        _DEVICE_CACHE[key] = _gaussian_prior_cpu(rows, cols, sigma).to(device=device, dtype=dtype)
+        _DEVICE_CACHE[key] = _gaussian_prior_cpu(rows, cols, sigma, prefix).to(device=device, dtype=dtype)
     return _DEVICE_CACHE[key]
 
 

@@ -159,7 +159,8 @@ def load_clip(
         The open_clip model, eval mode, gradients off.
 
     Raises:
-        ValueError: unknown model name, tag, precision, or a weights file that is missing or does not match.
+        ValueError: unknown model name, tag, precision, a weights file that is missing or does not match, or
+            quick_gelu=True for a timm image tower (EVA02, SigLIP).
         WeightsUnavailableError: weights not cached and not downloadable.
 
     Example:
@@ -169,6 +170,12 @@ def load_clip(
         raise ValueError(f"unknown open_clip model {name!r}; e.g. ViT-B-16, ViT-B-32, ViT-L-14")
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; valid: {list(PRECISIONS)}")
+    timm_tower = (open_clip.get_model_config(name) or {}).get("vision_cfg", {}).get("timm_model_name")
+    if quick_gelu and timm_tower:
+        raise ValueError(
+            f"quick_gelu=true has no meaning for {name}: its image tower is timm's {timm_tower}, whose activation is "
+            f"fixed by the architecture; leave backbone.quick_gelu=null"
+        )
     source, auto_quick_gelu = (None, False) if pretrained is None else resolve_pretrained(name, pretrained)
     use_quick_gelu = auto_quick_gelu if quick_gelu is None else quick_gelu
     if source is not None and Path(source).is_file() and _weights_format(Path(source)) is None:
@@ -199,8 +206,16 @@ def load_clip(
 
 
 def image_mean_std(name: str, pretrained: str | None) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Normalization constants that travel with the weights (OpenAI's when unknown or random)."""
-    if pretrained and pretrained in open_clip.list_pretrained_tags_by_model(name):
-        cfg = open_clip.get_pretrained_cfg(name, pretrained)
-        return tuple(cfg.get("mean", OPENAI_MEAN)), tuple(cfg.get("std", OPENAI_STD))
-    return OPENAI_MEAN, OPENAI_STD
+    """Normalization constants that travel with the weights: the tag's open_clip preprocessing config.
+
+    For a local file or random weights: the values every pretrained tag of the model shares (SigLIP: 0.5, EVA02:
+    OpenAI's), OpenAI's when the tags disagree (ViT-L-14: OpenAI vs LAION) or the model has none.
+    """
+    tags = open_clip.list_pretrained_tags_by_model(name)
+    if pretrained in tags:
+        tags = [pretrained]
+    values = set()
+    for tag in tags:
+        cfg = open_clip.get_pretrained_cfg(name, tag)
+        values.add((tuple(cfg.get("mean", OPENAI_MEAN)), tuple(cfg.get("std", OPENAI_STD))))
+    return values.pop() if len(values) == 1 else (OPENAI_MEAN, OPENAI_STD)

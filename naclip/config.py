@@ -273,6 +273,7 @@ def build_segmenter(
     """
     from naclip.clip import image_mean_std
     from naclip.segmenter import Segmenter
+    from naclip.text import get_tokenizer
 
     backbone = cfg.backbone
     if model is None:
@@ -298,6 +299,7 @@ def build_segmenter(
         pamr_dilations=tuple(cfg.refine.dilations),
         crop_batch_size=cfg.crop_batch_size,
         cache_dir=cfg.text_cache_dir,
+        tokenizer=get_tokenizer(backbone.model, random_weights=backbone.pretrained is None),
     ).to(device)
     built = time.perf_counter()
     log.info("text classifier ready in %.1f s", built - loaded)

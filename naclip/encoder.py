@@ -6,7 +6,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from naclip.attention import (
@@ -17,6 +16,7 @@ from naclip.attention import (
     gaussian_prior,
     get_attention,
 )
+from naclip.towers import Tower, build_tower
 
 ARCHS: dict[str, str] = {
     "vanilla": "Z = Z + SA(LN1(Z)); Z = Z + MLP(LN2(Z)): CLIP's block",
@@ -57,10 +57,13 @@ class DenseEncoder(nn.Module):
     """Projected patch features of an open_clip ViT with NACLIP's last block.
 
     The wrapped model is never modified: the last block is re-run from its own weights, so
-    ``model.encode_image`` keeps its behaviour.
+    ``model.encode_image`` keeps its behaviour. Every stage delegates to the family's tower adapter
+    (:mod:`naclip.towers`: open_clip's ViT, or a timm trunk such as EVA02 and SigLIP), so methods built on
+    these stages run on every family.
 
     Args:
-        model: an open_clip CLIP model (see :func:`naclip.load_clip`) with a ViT image tower.
+        model: an open_clip CLIP model (see :func:`naclip.load_clip`) with a ViT image tower (open_clip's own
+            or a timm ViT/EVA trunk).
         attention: a name of :func:`naclip.list_attentions`, e.g. "full" (NACLIP), "csa" (SCLIP), "qq" (ClearCLIP).
         arch: "vanilla" (CLIP's last block) or "reduced" (no residual, no FFN).
         sigma: standard deviation of the Gaussian prior in patches (used by "n_only" and "full").
@@ -74,19 +77,15 @@ class DenseEncoder(nn.Module):
         self, model: nn.Module, attention: str = "full", arch: str = "reduced", sigma: float | None = 5.0
     ) -> None:
         super().__init__()
-        visual = getattr(model, "visual", model)
-        needed = ("conv1", "class_embedding", "positional_embedding", "transformer", "ln_post", "proj")
-        if any(not hasattr(visual, n) for n in needed) or getattr(visual, "attn_pool", None) is not None:
-            raise ValueError(f"{type(visual).__name__} is not an open_clip VisionTransformer with a class token")
         if arch not in ARCHS:
             raise ValueError(f"unknown arch {arch!r}; valid choices: {list_archs()}")
         self.variant: AttentionVariant = get_attention(attention)
         self.sigma = check_sigma(sigma) if self.variant.uses_sigma else None
         self.arch = arch
-        self.visual = visual
-        self.patch_size: tuple[int, int] = tuple(visual.conv1.kernel_size)  # type: ignore[assignment]
-        self.num_heads: int = visual.transformer.resblocks[-1].attn.num_heads
-        self._pos_cache: dict[tuple[int, int, bool, torch.dtype, torch.device], Tensor] = {}
+        self.tower: Tower = build_tower(model)
+        self.visual = self.tower.visual
+        self.patch_size: tuple[int, int] = self.tower.patch_size
+        self.num_heads: int = self.tower.num_heads
 
     @property
     def attention(self) -> str:
@@ -94,63 +93,55 @@ class DenseEncoder(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.visual.conv1.weight.dtype
+        return self.tower.dtype
 
     def extra_repr(self) -> str:
-        return f"attention={self.attention}, arch={self.arch}, sigma={self.sigma}, patch={self.patch_size}"
+        return (
+            f"attention={self.attention}, arch={self.arch}, sigma={self.sigma}, patch={self.patch_size}, "
+            f"tower={self.tower.kind}"
+        )
 
     def position_embedding(self, grid: tuple[int, int], square: bool = True) -> Tensor:
-        """Position embeddings (1 + rows·cols, C) for a patch grid, resized as the published code does.
+        """Position embeddings (prefix + rows·cols, C) for a patch grid, resized as each family's code does.
 
-        NACLIP (like SCLIP and ClearCLIP, after DINO) keeps the pretrained embeddings when the grid has as many
-        cells as the pretraining grid (g0, g0) and the input image is square. Otherwise it resizes the (g0, g0)
-        patch embeddings bicubically by the factors ((rows + 0.1) / g0, (cols + 0.1) / g0): the output has
-        rows × cols cells, but its samples sit where that factor puts them, not where an exact resize to
-        (rows, cols) would. The class token's embedding is kept. Matching this keeps logits equal to the
-        authors' evaluation; one result is cached per (grid, square, dtype, device).
+        open_clip's towers: NACLIP (like SCLIP and ClearCLIP, after DINO) keeps the pretrained embeddings when
+        the grid has as many cells as the pretraining grid (g0, g0) and the input image is square. Otherwise it
+        resizes the (g0, g0) patch embeddings bicubically by the factors ((rows + 0.1) / g0, (cols + 0.1) / g0):
+        the output has rows × cols cells, but its samples sit where that factor puts them, not where an exact
+        resize to (rows, cols) would. The class token's embedding is kept. Matching this keeps logits equal to
+        the authors' evaluation. timm towers (EVA02, SigLIP): timm's own ``resample_abs_pos_embed`` (exact size,
+        antialiased bicubic). One result is cached per grid.
 
         Args:
             grid: (rows, cols) of the patch grid.
             square: whether the image fed to the encoder is square (height == width in pixels).
         """
-        pos = self.visual.positional_embedding
-        key = (grid[0], grid[1], square, pos.dtype, pos.device)
-        if key not in self._pos_cache:
-            base = tuple(self.visual.grid_size)
-            if grid[0] * grid[1] == base[0] * base[1] and square:
-                self._pos_cache[key] = pos
-            else:
-                cls_pos, patch_pos = pos[:1], pos[1:]
-                patch_pos = patch_pos.reshape(1, base[0], base[1], -1).permute(0, 3, 1, 2).float()
-                scale = ((grid[0] + 0.1) / base[0], (grid[1] + 0.1) / base[1])
-                patch_pos = F.interpolate(
-                    patch_pos, scale_factor=scale, mode="bicubic", align_corners=False, recompute_scale_factor=False
-                )  # (1, C, rows, cols): floor(g0 · (n + 0.1) / g0) = n cells per axis
-                patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(grid[0] * grid[1], -1).to(pos.dtype)
-                self._pos_cache[key] = torch.cat([cls_pos, patch_pos])
-        return self._pos_cache[key]
+        return self.tower.position_embedding(grid, square)
 
     def embed(self, images: Tensor) -> tuple[Tensor, tuple[int, int]]:
-        """Patch + class token embedding with (resized) positions and the pre-norm: (B, 1+N, C)."""
+        """Patch (+ class token) embedding with (resized) positions and the pre-norm: (B, P+N, C), and the grid."""
         check_images(images, self.patch_size)
-        visual = self.visual
-        x = visual.conv1(images.to(self.dtype))  # (B, C, rows, cols)
-        grid = (x.shape[-2], x.shape[-1])
-        x = x.flatten(2).transpose(1, 2)  # (B, N, C)
-        cls = visual.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
-        pos = self.position_embedding(grid, square=images.shape[-2] == images.shape[-1])
-        x = torch.cat([cls, x], dim=1) + pos.to(x.dtype)  # (B, 1+N, C)
-        return visual.ln_pre(visual.patch_dropout(x)), grid
+        return self.tower.embed(images)
 
     @property
     def blocks(self) -> nn.ModuleList:
         """The tower's encoder blocks, first to last."""
-        return self.visual.transformer.resblocks
+        return self.tower.blocks
 
     @property
     def num_prefix_tokens(self) -> int:
-        """Tokens before the patch tokens (the class token); methods slice patches as ``x[:, num_prefix_tokens:]``."""
-        return 1
+        """Tokens before the patch tokens (1: CLIP's and EVA02's class token; 0: SigLIP has none); methods slice
+        patches as ``x[:, num_prefix_tokens:]``."""
+        return self.tower.num_prefix_tokens
+
+    @property
+    def has_class_token(self) -> bool:
+        return self.num_prefix_tokens > 0
+
+    def require_class_token(self, what: str) -> None:
+        """Raise one line when ``what`` (a method, an option) needs the class token this tower does not have."""
+        if not self.has_class_token:
+            raise ValueError(f"{what} needs a class token, which this backbone ({self.tower.name}) does not have")
 
     @property
     def num_blocks(self) -> int:
@@ -163,24 +154,27 @@ class DenseEncoder(nn.Module):
             raise ValueError(f"block {block} does not exist: the tower has {self.num_blocks} blocks")
         return index
 
-    def run_blocks(self, x: Tensor, start: int = 0, stop: int | None = None, taps: Taps | None = None,
-                   state: dict[str, dict[int, Any]] | None = None) -> Tensor:
+    def run_blocks(
+        self,
+        x: Tensor,
+        start: int = 0,
+        stop: int | None = None,
+        taps: Taps | None = None,
+        state: dict[str, dict[int, Any]] | None = None,
+    ) -> Tensor:
         """Blocks start..stop-1 unchanged (batch-first in and out); default stop: all but the last block.
 
         With ``taps``, ``state["inputs"][i]`` receives the tokens entering each tapped block i and
         ``state["qkv"][i]`` that block's own per-head (q, k, v), each computed once in this pass.
         """
         stop = self.num_blocks - 1 if stop is None else stop
-        transformer = self.visual.transformer
-        batch_first = getattr(transformer, "batch_first", True)
         for i in range(start, stop):
             if taps is not None and state is not None:
                 if i in taps.inputs:
                     state["inputs"][i] = x
                 if i in taps.qkv:
                     state["qkv"][i] = self.qkv(x, block=i)
-            block = self.blocks[i]
-            x = block(x) if batch_first else block(x.transpose(0, 1)).transpose(0, 1)
+            x = self.tower.run_block(x, i)
         return x
 
     def trunk(self, x: Tensor) -> Tensor:
@@ -188,33 +182,28 @@ class DenseEncoder(nn.Module):
         return self.run_blocks(x)
 
     def qkv(self, x: Tensor, block: int = -1) -> tuple[Tensor, Tensor, Tensor]:
-        """Per-head q, k, v (B, h, N, d) of one block's attention (default the last) from that block's input."""
-        blk = self.blocks[block]
-        attn = blk.attn
-        b, n, c = x.shape
-        qkv = F.linear(blk.ln_1(x), attn.in_proj_weight, attn.in_proj_bias)  # (B, N, 3C)
-        qkv = qkv.reshape(b, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
-        return qkv[0], qkv[1], qkv[2]
+        """Per-head q, k, v (B, h, N, d) of one block's attention (default the last) from that block's input,
+        as that block's attention computes them (EVA02: q and k rotated by the grid's rotary embedding)."""
+        return self.tower.qkv(x, self.block_index(block))
 
     def attn_proj(self, out: Tensor, block: int = -1) -> Tensor:
         """One block's output projection of per-head attention outputs (B, h, N, d) → (B, N, C)."""
-        b, h, n, d = out.shape
-        return self.blocks[block].attn.out_proj(out.transpose(1, 2).reshape(b, n, h * d))
+        return self.tower.attn_proj(out, self.block_index(block))
 
     def block_tail(self, x: Tensor, attn_out: Tensor, block: int = -1) -> Tensor:
         """The rest of a standard block after its attention: residual, then the residual feed-forward."""
-        blk = self.blocks[block]
-        x = x + blk.ls_1(attn_out)
-        return x + blk.ls_2(blk.mlp(blk.ln_2(x)))
+        return self.tower.block_tail(x, attn_out, self.block_index(block))
 
     def project(self, x: Tensor) -> Tensor:
-        """Final norm and projection into the joint image-text space: (B, T, C) → (B, T, D)."""
-        return self.visual.ln_post(x) @ self.visual.proj
+        """Final norm and projection into the joint image-text space, per token: (B, T, C) → (B, T, D).
+
+        SigLIP's attention-pool head becomes per token its value and output projections and residual MLP."""
+        return self.tower.project(x)
 
     def prior(self, grid: tuple[int, int], x: Tensor) -> Tensor | None:
         if self.sigma is None:
             return None
-        return gaussian_prior(grid, self.sigma, device=x.device, dtype=x.dtype)
+        return gaussian_prior(grid, self.sigma, device=x.device, dtype=x.dtype, prefix=self.num_prefix_tokens)
 
     def last_block(self, x: Tensor, grid: tuple[int, int]) -> Tensor:
         """NACLIP's last block: modified self-attention, then CLIP's or the reduced architecture."""
@@ -236,7 +225,7 @@ class DenseEncoder(nn.Module):
         return self.head(self.trunk(x), grid)
 
     def attention_weights(self, images: Tensor) -> tuple[Tensor, tuple[int, int]]:
-        """Last-block attention probabilities (B, h, 1+N, 1+N) of this variant, and the patch grid."""
+        """Last-block attention probabilities (B, h, P+N, P+N) of this variant (P prefix tokens), and the grid."""
         x, grid = self.embed(images)
         x = self.trunk(x)
         q, k, _ = self.qkv(x)

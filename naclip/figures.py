@@ -36,6 +36,7 @@ from naclip import Segmenter, config
 from naclip.clip import WeightsUnavailableError, image_mean_std, load_clip
 from naclip.data import build_dataset
 from naclip.predictor import auto_device, normalize_images
+from naclip.text import get_tokenizer
 from naclip.viz import RANDOM_WEIGHTS_NOTE, attention_maps, image_grid, overlay, plot_attention
 
 ATTENTION_VARIANTS = ("vanilla", "kk_sim", "full")
@@ -103,6 +104,7 @@ def make_figures(cfg: DictConfig, num_images: int, patches_per_image: int, out: 
         "prob_thd": cfg.dataset.prob_thd,
         "crop_batch_size": cfg.crop_batch_size,
         "cache_dir": cfg.text_cache_dir,
+        "tokenizer": get_tokenizer(backbone.model, random_weights=backbone.pretrained is None),
     }
     _say(f"building the text classifiers for {len(dataset.class_names)} classes (CLIP and NACLIP)")
     methods = {

@@ -15,6 +15,7 @@ from torch import Tensor
 from naclip.clip import image_mean_std, load_clip
 from naclip.data.transforms import read_rgb, resize_image
 from naclip.segmenter import Segmenter
+from naclip.text import get_tokenizer
 
 
 def auto_device(device: str | None = "auto") -> str:
@@ -90,6 +91,7 @@ class Predictor:
         clip = load_clip(model, pretrained, device=self.device, precision=precision)  # type: ignore[arg-type]
         self.mean, self.std = image_mean_std(model, pretrained)
         self.short_side, self.max_long_side = short_side, max_long_side
+        segmenter_kwargs.setdefault("tokenizer", get_tokenizer(model, random_weights=pretrained is None))
         self.segmenter = Segmenter(clip, class_names, **segmenter_kwargs).to(self.device)
 
     def preprocess(self, image: Any) -> Tensor:

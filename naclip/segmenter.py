@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from collections import defaultdict
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -75,6 +75,7 @@ class Segmenter(nn.Module):
         method: a registered method (:func:`naclip.methods.list_methods`) or a built :class:`naclip.methods.Method`;
             None = the last-block method given by attention, arch and sigma.
         method_options: keyword arguments of the named method's factory.
+        tokenizer: the model's tokenizer (:func:`naclip.text.get_tokenizer`); None = CLIP's (CLIP vocabularies only).
 
     The pipeline's stages are public so that :class:`naclip.FusedSegmenter` runs the same ones for many
     variants: :meth:`crops` → :meth:`chunks` → :meth:`trunk` (embedding, blocks 1..L-1, taps) → :meth:`head`
@@ -108,6 +109,7 @@ class Segmenter(nn.Module):
         area_thd: float | None = None,
         method: str | Method | None = None,
         method_options: Mapping[str, Any] | None = None,
+        tokenizer: Callable[[list[str]], Tensor] | None = None,
     ) -> None:
         super().__init__()
         if area_thd is not None and not 0.0 <= float(area_thd) < 1.0:
@@ -127,7 +129,7 @@ class Segmenter(nn.Module):
         self.query_names = [name for names in self.class_names for name in names]
         query_class = [c for c, names in enumerate(self.class_names) for _ in names]
         self.register_buffer("query_class", torch.tensor(query_class), persistent=False)
-        classifier = text_classifier(model, self.query_names, templates, cache_dir=cache_dir)
+        classifier = text_classifier(model, self.query_names, templates, cache_dir=cache_dir, tokenizer=tokenizer)
         self.register_buffer("classifier", classifier, persistent=False)  # (Q, D)
         self.slide_crop, self.slide_stride = int(slide_crop), int(slide_stride)
         self.logit_scale, self.prob_thd = float(logit_scale), float(prob_thd)

@@ -570,6 +570,31 @@ def _table2(results: list[dict]) -> Table:
     return table
 
 
+# `+experiment=backbones`: NACLIP ± PAMR on every CLIP family (conf/backbone), rows in this order.
+BACKBONE_FAMILIES: dict[str, str] = {
+    "b16": "OpenAI B/16",
+    "b16_laion": "LAION-2B B/16",
+    "b16_datacomp": "DataComp-XL B/16",
+    "b16_dfn": "DFN-2B B/16",
+    "b16_metaclip": "MetaCLIP B/16",
+    "l14_laion": "LAION-2B L/14",
+    "eva02_b16": "EVA02-CLIP B/16",
+    "siglip_b16": "SigLIP B/16",
+    "siglip2_b16": "SigLIP 2 B/16",
+}
+
+
+def _backbones_table(results: list[dict]) -> Table:
+    """V21, PC59 and their mean for each CLIP family, NACLIP without then with PAMR (no published values)."""
+    table = Table("CLIP families — NACLIP ± PAMR (σ = 5)", [*(DATASET_COLUMNS[d] for d in TABLE2_DATASETS), "Avg"])
+    for backbone, label in BACKBONE_FAMILIES.items():
+        for refine, suffix in (("none", ""), ("pamr", " + PAMR")):
+            choices = {"attention": "full", "arch": "reduced", "refine": refine, "backbone": backbone}
+            values, flags = _cells(_measured(results, choices), TABLE2_DATASETS)
+            table.add_row(f"{label}{suffix}", values, _marked_columns(table.columns, flags))
+    return table
+
+
 def _paper_table(name: str) -> Callable[[list[dict]], Table]:
     spec = _BENCHMARK_SPECS[name]
     return lambda results: _benchmark_table(spec, results, PAPER_RESULTS[name])
@@ -579,6 +604,7 @@ def _paper_table(name: str) -> Callable[[list[dict]], Table]:
 TABLE_BUILDERS: dict[str, Callable[[list[dict]], Table]] = {
     **{name: _paper_table(name) for name in _BENCHMARK_SPECS},
     "table2": _table2,
+    "backbones": _backbones_table,
 }
 
 

@@ -58,6 +58,42 @@ def encode_text_trimmed(model: nn.Module, tokens: Tensor) -> Tensor:
     return proj(x) if isinstance(proj, nn.Linear) else x @ proj
 
 
+CLIP_VOCAB = 49408  # open_clip's CLIP BPE tokenizer: the end-of-text id 49407 is the largest id
+
+
+def get_tokenizer(model_name: str, random_weights: bool = False) -> Callable[[list[str]], Tensor]:
+    """open_clip's tokenizer for a model: CLIP's BPE for the CLIP families (LAION, DataComp, DFN, MetaCLIP, EVA02),
+    a Hugging Face tokenizer for SigLIP (SentencePiece) and SigLIP2 (Gemma), which needs ``transformers``.
+
+    With ``random_weights`` (a smoke run: the text has no meaning) a tokenizer that cannot be loaded is replaced by
+    CLIP's BPE with its ids folded into the text tower's vocabulary, so offline tests run every family.
+
+    Raises:
+        ValueError: unknown model, or a tokenizer that cannot be loaded for real weights (one line: what to install).
+    """
+    if model_name not in open_clip.list_models():
+        raise ValueError(f"unknown open_clip model {model_name!r}")
+    try:
+        return open_clip.get_tokenizer(model_name)
+    except (ImportError, OSError, ValueError) as err:
+        text_cfg = (open_clip.get_model_config(model_name) or {}).get("text_cfg", {})
+        if not random_weights:
+            name = text_cfg.get("hf_tokenizer_name", model_name)
+            why = " ".join(str(err).split())[:160]
+            raise ValueError(
+                f"the tokenizer of {model_name} ({name}) cannot be loaded ({type(err).__name__}: {why}); it needs "
+                f"`pip install transformers` and its files from the Hugging Face Hub (or a cached copy)"
+            ) from err
+        vocab, context = int(text_cfg.get("vocab_size", CLIP_VOCAB)), int(text_cfg.get("context_length", 77))
+        log.warning(
+            "tokenizer of %s unavailable (%s); random weights: CLIP's BPE folded into %d ids",
+            model_name,
+            type(err).__name__,
+            vocab,
+        )
+        return lambda texts: open_clip.tokenize(texts, context_length=context) % vocab
+
+
 def _fingerprint(model: nn.Module) -> str:
     """Cheap identity of the text tower's weights, so a cache never serves another model's embeddings.
 
@@ -73,6 +109,9 @@ def _fingerprint(model: nn.Module) -> str:
 
 
 def _text_model_supported(model: nn.Module) -> bool:
+    """Whether :func:`encode_text_trimmed` is exact: open_clip's CLIP text tower with a causal mask, pooled at the
+    argmax token as ``encode_text`` itself pools (CLIP's BPE: the end-of-text id is the largest). SigLIP's towers
+    (last-token pooling, no mask) and EVA02's custom text tower run ``model.encode_text``."""
     needed = ("token_embedding", "positional_embedding", "transformer", "ln_final", "text_projection", "attn_mask")
     pooled_at_eot = getattr(model, "text_pool_type", "argmax") == "argmax"
     return pooled_at_eot and all(getattr(model, n, None) is not None for n in needed)
@@ -99,11 +138,12 @@ def text_classifier(
         templates: format strings with ``{}`` or callables; default the 80 OpenAI templates.
         cache_dir: if given, classifiers are stored there keyed by weights, names and templates, and a
             later call with the same key skips the text tower.
-        tokenizer: defaults to open_clip's CLIP tokenizer with the model's context length.
+        tokenizer: the model's tokenizer (:func:`get_tokenizer`); None = open_clip's CLIP tokenizer with the model's
+            context length, valid only for a text tower with CLIP's vocabulary.
         batch_size: prompts per text-tower forward (rounded to whole names, at least one name).
 
     Raises:
-        ValueError: empty name list, an empty name, or no templates.
+        ValueError: empty name list, an empty name, no templates, or no tokenizer for a non-CLIP vocabulary.
     """
     names = _check_names(names)
     templates = tuple(OPENAI_TEMPLATES if templates is None else templates)
@@ -111,7 +151,13 @@ def text_classifier(
         raise ValueError("templates must not be empty")
     prompts_per_name = [[_fill(t, n) for t in templates] for n in names]
 
-    device = model.token_embedding.weight.device
+    device = next(model.parameters()).device
+    vocab = getattr(model, "vocab_size", CLIP_VOCAB)
+    if tokenizer is None and vocab != CLIP_VOCAB:
+        raise ValueError(
+            f"this text tower has a {vocab}-token vocabulary, not CLIP's; "
+            f"pass tokenizer=naclip.text.get_tokenizer(<open_clip model name>)"
+        )
     cache_file = None
     if cache_dir is not None:
         key = json.dumps({"w": _fingerprint(model), "p": prompts_per_name}, sort_keys=True)
@@ -123,6 +169,7 @@ def text_classifier(
     context = getattr(model, "context_length", 77)
     tokenize = tokenizer or (lambda texts: open_clip.tokenize(texts, context_length=context))
     if _text_model_supported(model):
+
         def encode(tokens: Tensor) -> Tensor:
             return encode_text_trimmed(model, tokens)
     else:

@@ -119,20 +119,21 @@ def attention_maps(
         raise ValueError("variants must name at least one attention variant")
     kinds = {name: get_attention(name) for name in variants}
     encoder = DenseEncoder(model, attention="vanilla", arch=arch)
-    x, grid = encoder.embed(image.to(encoder.visual.conv1.weight.device))  # (1, 1+N, C)
+    x, grid = encoder.embed(image.to(next(encoder.parameters()).device))  # (1, prefix+N, C)
     rows, cols = grid
     bad = [p for p in patches if not (0 <= p[0] < rows and 0 <= p[1] < cols)]
     if bad:
         raise ValueError(
             f"patches {bad} lie outside the {rows}x{cols} patch grid; valid rows 0..{rows - 1}, cols 0..{cols - 1}"
         )
-    q, k, _ = encoder.qkv(encoder.trunk(x))  # (1, h, 1+N, d) each
-    queries = torch.tensor([1 + r * cols + c for r, c in patches], device=q.device)  # token index of each patch
+    q, k, _ = encoder.qkv(encoder.trunk(x))  # (1, h, prefix+N, d) each
+    pre = encoder.num_prefix_tokens
+    queries = torch.tensor([pre + r * cols + c for r, c in patches], device=q.device)  # token index of each patch
     maps = {}
     for name, kind in kinds.items():
-        prior = gaussian_prior(grid, sigma, device=q.device, dtype=q.dtype) if kind.uses_sigma else None
-        weights = attention_weights(kind, q, k, prior)[0].float().mean(dim=0) / kind.row_sum  # (1+N, 1+N)
-        maps[name] = weights[queries, 1:].reshape(len(patches), rows, cols).cpu()  # (P, rows, cols)
+        prior = gaussian_prior(grid, sigma, device=q.device, dtype=q.dtype, prefix=pre) if kind.uses_sigma else None
+        weights = attention_weights(kind, q, k, prior)[0].float().mean(dim=0) / kind.row_sum  # (prefix+N, prefix+N)
+        maps[name] = weights[queries, pre:].reshape(len(patches), rows, cols).cpu()  # (P, rows, cols)
     return maps
 
 

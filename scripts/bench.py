@@ -66,7 +66,7 @@ from naclip import attention as attention_module
 from naclip.clip import PRECISIONS, WeightsUnavailableError
 from naclip.data.transforms import read_rgb, rescaled_size, resize_image
 from naclip.methods import list_methods
-from naclip.text import OPENAI_TEMPLATES, encode_text_trimmed, text_classifier
+from naclip.text import OPENAI_TEMPLATES, encode_text_trimmed, get_tokenizer, text_classifier
 
 ENCODER_TARGET = 1.10  # NACLIP encoder time / open_clip encode_image time
 TEXT_SPEEDUP_TARGET = 3.0
@@ -198,7 +198,7 @@ def slide_crops(image: Tensor) -> Tensor:
 
 
 def model_dtype(model: nn.Module) -> torch.dtype:
-    return model.visual.conv1.weight.dtype
+    return next(model.visual.parameters()).dtype
 
 
 def bench_encoder(
@@ -288,12 +288,13 @@ def bench_batching(
     repeats: int,
     warmup: int,
     sync: Callable[[], None],
+    tokenizer: Callable[[list[str]], Tensor] | None = None,
 ) -> dict[str, Any]:
     """Segmenter.logits_list with all crops of all images batched vs the same Segmenter one crop at a time."""
     names = class_names("cityscapes")
-    one_template = ("a photo of a {}.",)  # the classifier is not timed; one template keeps its build cheap
-    batched = Segmenter(model, names, templates=one_template, slide_crop=CROP, slide_stride=STRIDE)
-    per_crop = Segmenter(model, names, templates=one_template, slide_crop=CROP, slide_stride=STRIDE, crop_batch_size=1)
+    common = {"templates": ("a photo of a {}.",), "slide_crop": CROP, "slide_stride": STRIDE, "tokenizer": tokenizer}
+    batched = Segmenter(model, names, **common)  # the classifier is not timed; one template keeps its build cheap
+    per_crop = Segmenter(model, names, crop_batch_size=1, **common)
     images = [torch.randn(3, *size, device=device) for _ in range(n_images)]
     crops = sum(len(slide_windows(*size, CROP, STRIDE)) for _ in images)
     times = time_interleaved(
@@ -479,7 +480,10 @@ def memory_child(spec: dict[str, Any]) -> dict[str, Any]:
     """Peak memory of one sliding-window segmentation, measured in this (fresh) process."""
     device = torch.device(spec["device"])
     model = load_clip(spec["model"], spec["pretrained"], device=device, precision=spec["precision"])
-    segmenter = Segmenter(model, class_names("cityscapes"), slide_crop=CROP, slide_stride=STRIDE).to(device)
+    tokenizer = get_tokenizer(spec["model"], random_weights=spec["pretrained"] is None)
+    segmenter = Segmenter(
+        model, class_names("cityscapes"), slide_crop=CROP, slide_stride=STRIDE, tokenizer=tokenizer
+    ).to(device)
     height, width = spec["image"]
     image = torch.randn(1, 3, height, width, device=device)
     crops = len(slide_windows(height, width, CROP, STRIDE))
@@ -551,7 +555,7 @@ def label_map_child(spec: dict[str, Any]) -> dict[str, Any]:
     """Peak RSS above the baseline while one (H, W) label map is built from a protocol-sized input (CPU)."""
     model = load_clip(spec["model"], spec["pretrained"])
     segmenter = Segmenter(model, LABEL_MAP_CLASSES, templates=["a photo of a {}."], slide_crop=CROP,
-                          slide_stride=STRIDE)
+                          slide_stride=STRIDE, tokenizer=get_tokenizer(spec["model"], spec["pretrained"] is None))
     image = torch.randn(3, *LABEL_MAP_INPUT)
     size = tuple(spec["size"])
     gc.collect()
@@ -740,7 +744,7 @@ def format_report(result: dict[str, Any]) -> str:
             f"   hit {p['cached_us']:.2f} us [{p['cached_iqr_us']:.2f}]   x{p['speedup']:.0f}"
         )
     t = result["text"]
-    lines += [
+    lines += [] if t is None else [
         "",
         f"Text tower: {t['model']}, {t['templates']} templates x {t['names']} names = {t['prompts']} prompts, "
         f"{t['full_tokens']} -> {t['trimmed_tokens']} tokens",
@@ -789,7 +793,9 @@ def format_report(result: dict[str, Any]) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", nargs="+", default=None, help="open_clip ViT names (default ViT-B-16 ViT-B-32)")
+    parser.add_argument("--models", nargs="+", default=None, help="open_clip model names, any CLIP family "
+                        "(ViT-B-16, ViT-B-16-quickgelu, ViT-L-14, EVA02-B-16, ViT-B-16-SigLIP, ViT-B-16-SigLIP2; "
+                        "default ViT-B-16 ViT-B-32)")
     parser.add_argument("--repeats", type=int, default=None, help="timed rounds per section (default 10)")
     parser.add_argument("--text-repeats", type=int, default=None, help="rounds of the slow text section (default 3)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -838,7 +844,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    """All sections; the first model also serves the batching and text sections."""
+    """All sections; the first model also serves the batching section, the first with CLIP's text tower the text."""
     profile = args.profile
     if args.sweep_only:
         print("[bench] sweep ...", file=sys.stderr, flush=True)
@@ -861,6 +867,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "encoder_image": list(profile["encoder_image"]),
         "encoder": [],
         "methods": [],
+        "text": None,  # the first model with CLIP's text tower (trimmed vs full needs its end-of-text token)
     }
     with torch.inference_mode():
         for i, name in enumerate(args.models):
@@ -875,9 +882,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 continue
             if i == 0:
                 print(f"[bench] batching {name} ...", file=sys.stderr, flush=True)
+                tokenizer = get_tokenizer(name, random_weights=args.pretrained is None)
                 result["batching"] = bench_batching(
-                    name, model, device, profile["batch_images"], profile["batch_image"], args.repeats, warmup, sync
+                    name, model, device, profile["batch_images"], profile["batch_image"], args.repeats, warmup, sync,
+                    tokenizer,
                 )
+            if result.get("text") is None and hasattr(model, "token_embedding"):  # CLIP's BPE text tower only
                 print(f"[bench] text {name} ...", file=sys.stderr, flush=True)
                 result["text"] = bench_text(name, model, device, profile["text_names"], args.text_repeats, sync)
             del model

@@ -132,7 +132,7 @@ def row(table, label: str) -> list:
 # --------------------------------------------------------------------------------------------- tables
 def test_table_columns_and_row_order():
     tables = build_tables(full_results())
-    assert list(tables) == ["table1", "table2", "table3", "table4"]
+    assert list(tables) == ["backbones", "table1", "table2", "table3", "table4"]
     for name in ("table1", "table3", "table4"):
         assert tables[name].columns == HEADERS
     assert tables["table2"].columns == [
@@ -211,6 +211,20 @@ def test_missing_cells_and_avg_needs_all_eight():
     t2 = build_tables([fake_result(dataset="voc21", miou=60.0, refine="pamr")])["table2"]
     assert t2.value("NACLIP + PAMR", "B/16 V21") == 60.0
     assert t2.value("NACLIP + PAMR", "B/16 Avg") is None
+
+
+def test_backbones_table_rows_per_family_and_refine():
+    results = [
+        fake_result(backbone="siglip_b16", dataset="voc21", miou=30.0),
+        fake_result(backbone="siglip_b16", dataset="pc59", miou=20.0),
+        fake_result(backbone="eva02_b16", dataset="voc21", miou=50.0, refine="pamr"),
+        fake_result(backbone="eva02_b16", dataset="voc21", miou=99.0, attention="vanilla"),  # not NACLIP: ignored
+    ]
+    table = build_tables(results)["backbones"]
+    assert table.value("SigLIP B/16", "V21") == 30.0 and table.value("SigLIP B/16", "Avg") == 25.0
+    assert table.value("SigLIP B/16 + PAMR", "V21") is None
+    assert table.value("EVA02-CLIP B/16 + PAMR", "V21") == 50.0 and table.value("EVA02-CLIP B/16", "V21") is None
+    assert len(table.rows) == 18
 
 
 def test_newest_result_wins_regardless_of_order():
@@ -386,7 +400,8 @@ def test_main_writes_tables_and_plot(tmp_path, capsys):
         assert (out / f"table{n}.csv").read_text(encoding="utf-8").startswith("Method,")
     assert "| NACLIP (paper) | 58.9 |" in printed
     assert (out / "sigma_sweep.png").stat().st_size > 1000
-    assert f"wrote table1.csv, table2.csv, table3.csv, table4.csv, methods.csv, sigma_sweep.png to {out}" in printed
+    written = "backbones.csv, table1.csv, table2.csv, table3.csv, table4.csv, methods.csv, sigma_sweep.png"
+    assert f"wrote {written} to {out}" in printed
 
 
 def test_main_default_out_dir_is_tables_under_cwd(tmp_path, monkeypatch, capsys):
@@ -394,7 +409,7 @@ def test_main_default_out_dir_is_tables_under_cwd(tmp_path, monkeypatch, capsys)
     monkeypatch.chdir(tmp_path)
     assert main(["--source", "local", "outputs"]) == 0
     assert sorted(p.name for p in (tmp_path / "tables").iterdir()) == [
-        "methods.csv", "sigma_sweep.png", "table1.csv", "table2.csv", "table3.csv", "table4.csv",
+        "backbones.csv", "methods.csv", "sigma_sweep.png", "table1.csv", "table2.csv", "table3.csv", "table4.csv",
     ]  # fmt: skip
     assert "to tables" in capsys.readouterr().out
 
@@ -405,7 +420,7 @@ def test_main_without_sweep_results_writes_no_png(tmp_path, capsys):
     assert main(["--source", "local", str(tmp_path / "outputs"), "--out", str(out)]) == 0
     assert not (out / "sigma_sweep.png").exists()
     captured = capsys.readouterr()
-    assert "wrote table1.csv, table2.csv, table3.csv, table4.csv, methods.csv to" in captured.out
+    assert "wrote backbones.csv, table1.csv, table2.csv, table3.csv, table4.csv, methods.csv to" in captured.out
     assert "no σ-sweep results" in captured.err
 
 

@@ -190,6 +190,14 @@ class DenseEncoder(nn.Module):
         """One block's output projection of per-head attention outputs (B, h, N, d) → (B, N, C)."""
         return self.tower.attn_proj(out, self.block_index(block))
 
+    def attn_norm(self, x: Tensor, block: int = -1) -> Tensor:
+        """One block's pre-attention norm (the input its q, k, v are projected from)."""
+        return self.tower.attn_norm(x, self.block_index(block))
+
+    def attn_scale(self, attn_out: Tensor, block: int = -1) -> Tensor:
+        """One block's layer scale of its attention branch (identity where the family has none)."""
+        return self.tower.attn_scale(attn_out, self.block_index(block))
+
     def block_tail(self, x: Tensor, attn_out: Tensor, block: int = -1) -> Tensor:
         """The rest of a standard block after its attention: residual, then the residual feed-forward."""
         return self.tower.block_tail(x, attn_out, self.block_index(block))

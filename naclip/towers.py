@@ -64,6 +64,12 @@ class Tower:
     def attn_proj(self, out: Tensor, block: int) -> Tensor:
         raise NotImplementedError
 
+    def attn_norm(self, x: Tensor, block: int) -> Tensor:
+        raise NotImplementedError
+
+    def attn_scale(self, attn_out: Tensor, block: int) -> Tensor:
+        raise NotImplementedError
+
     def block_tail(self, x: Tensor, attn_out: Tensor, block: int) -> Tensor:
         raise NotImplementedError
 
@@ -142,9 +148,15 @@ class OpenClipTower(Tower):
         b, h, n, d = out.shape
         return self.blocks[block].attn.out_proj(out.transpose(1, 2).reshape(b, n, h * d))
 
+    def attn_norm(self, x: Tensor, block: int) -> Tensor:
+        return self.blocks[block].ln_1(x)
+
+    def attn_scale(self, attn_out: Tensor, block: int) -> Tensor:
+        return self.blocks[block].ls_1(attn_out)
+
     def block_tail(self, x: Tensor, attn_out: Tensor, block: int) -> Tensor:
         blk = self.blocks[block]
-        x = x + blk.ls_1(attn_out)
+        x = x + self.attn_scale(attn_out, block)
         return x + blk.ls_2(blk.mlp(blk.ln_2(x)))
 
     def project(self, x: Tensor) -> Tensor:
@@ -284,13 +296,21 @@ class TimmTower(Tower):
         b, h, n, d = out.shape
         return attn.proj(attn.norm(out.transpose(1, 2).reshape(b, n, h * d)))
 
-    def block_tail(self, x: Tensor, attn_out: Tensor, block: int) -> Tensor:
+    def attn_norm(self, x: Tensor, block: int) -> Tensor:
+        return self.blocks[block].norm1(x)
+
+    def attn_scale(self, attn_out: Tensor, block: int) -> Tensor:
         blk = self.blocks[block]
         if hasattr(blk, "ls1"):  # timm Block (SigLIP)
-            x = x + blk.ls1(attn_out)
+            return blk.ls1(attn_out)
+        return attn_out if blk.gamma_1 is None else blk.gamma_1 * attn_out  # EvaBlock
+
+    def block_tail(self, x: Tensor, attn_out: Tensor, block: int) -> Tensor:
+        blk = self.blocks[block]
+        x = x + self.attn_scale(attn_out, block)
+        if hasattr(blk, "ls1"):  # timm Block (SigLIP)
             return x + blk.ls2(blk.mlp(blk.norm2(x)))
-        gamma_1, gamma_2 = blk.gamma_1, blk.gamma_2  # EvaBlock
-        x = x + (attn_out if gamma_1 is None else gamma_1 * attn_out)
+        gamma_2 = blk.gamma_2  # EvaBlock
         mlp = blk.mlp(blk.norm2(x))
         return x + (mlp if gamma_2 is None else gamma_2 * mlp)
 

@@ -39,6 +39,7 @@ class CLIPSurgery(Method):
 
     def __init__(self, encoder: DenseEncoder, depth: int = 7) -> None:
         super().__init__(encoder)
+        encoder.require_class_token("method=clip_surgery (feature surgery weighs classes by the class token)")
         if not 2 <= depth <= encoder.num_blocks + 1:
             raise ValueError(f"clip_surgery.depth must be in [2, {encoder.num_blocks + 1}] for this tower, got {depth}")
         self.first = encoder.num_blocks - (depth - 1)
@@ -66,7 +67,7 @@ class CLIPSurgery(Method):
         inputs = [state.inputs[i] for i in range(self.first, last)] + [state.x]  # the original stream
         path = inputs[0]
         for block, x in enumerate(inputs, start=self.first):
-            path = path + enc.blocks[block].ls_1(self.value_value(x, block))
+            path = path + enc.attn_scale(self.value_value(x, block), block)
         prefix = enc.num_prefix_tokens
         return enc.project(torch.cat([self.original_class_token(state.x), path[:, prefix:]], dim=1))
 

@@ -62,7 +62,7 @@ class GEM(Method):
         enc = self.encoder
         q, k, v = enc.qkv(x, block)
         if self.temperature is None:
-            ln_x = enc.blocks[block].ln_1(x)
+            ln_x = enc.attn_norm(x, block)
             inv_temp = ln_x.norm(dim=-1).mean(dim=-1)[:, None, None, None] * q.shape[-1] ** -0.5  # (B, 1, 1, 1)
         else:
             inv_temp = float(self.temperature)
@@ -74,7 +74,7 @@ class GEM(Method):
         inputs = [state.inputs[i] for i in range(self.first, last)] + [state.x]  # the original stream
         path = inputs[0]
         for block, x in enumerate(inputs, start=self.first):
-            path = path + enc.blocks[block].ls_1(self.self_self(x, block))
+            path = path + enc.attn_scale(self.self_self(x, block), block)
         feats = enc.project(path)[:, enc.num_prefix_tokens :]
         return feats.reshape(feats.shape[0], *state.grid, -1)
 

@@ -100,6 +100,7 @@ class SCCLIP(Method):
         contamination: float = 0.05,
     ) -> None:
         super().__init__(encoder)
+        encoder.require_class_token("method=scclip (its residual class token)")
         last = encoder.num_blocks - 1
         outputs = {pre_adjust_idx, post_adjust_idx, *range(multi_start_idx, multi_end_idx)}
         if multi_end_idx <= multi_start_idx or not all(0 <= i < last for i in outputs):

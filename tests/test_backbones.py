@@ -337,3 +337,22 @@ def test_real_weights_segment_the_demo_image(name, tag, env):
     pred = seg.predict(x[None], out_size=label.shape)[0]
     ious = [v for v in ref.iou_percent([pred.numpy()], [label], len(names)) if v is not None]
     assert sum(ious) / len(ious) >= 30, ious  # random weights score near 0 on this image
+
+
+@pytest.mark.parametrize("name", FAST)
+@pytest.mark.parametrize("method", ["gem", "clip_surgery"])
+def test_methods_tapping_earlier_blocks_run_on_every_family(name, method):
+    """GEM and CLIP Surgery compute through the tower's own norms and layer scales (EVA's gammas, SigLIP's ls1)."""
+    model = family(name)
+    seg_kwargs = {"templates": ["a photo of a {}."], "slide_crop": 0, "tokenizer": get_tokenizer(name, True)}
+    if method == "clip_surgery" and "SigLIP" in name:
+        with pytest.raises(ValueError, match="needs a class token, which this backbone"):
+            Segmenter(model, ["sky", "tree"], method=method, method_options={"depth": 2}, **seg_kwargs)
+        return
+    seg = Segmenter(model, ["sky", "tree"], method=method, method_options={"depth": 2}, **seg_kwargs)
+    base = Segmenter(model, ["sky", "tree"], attention="vanilla", arch="vanilla", **seg_kwargs)
+    x = images((48, 64), n=1)
+    with torch.no_grad():
+        got, plain = seg.logits(x), base.logits(x)
+    assert got.shape == plain.shape == (1, 2, 48, 64) and torch.isfinite(got).all()
+    assert (got - plain).abs().max() > 1e-4  # the method's own path, not CLIP's last block

@@ -181,7 +181,8 @@ def test_default_root_follows_naclip_data(monkeypatch):
 @pytest.mark.parametrize(
     ("name", "count"),
     [("voc21", 21), ("voc20", 20), ("pc60", 60), ("pc59", 59), ("ade", 150), ("coco_stuff", 171),
-     ("coco_object", 81), ("cityscapes", 19), ("synthetic", 4)],
+     ("coco_object", 81), ("cityscapes", 19), ("synthetic", 4), ("clearclip_voc21", 21),
+     ("clearclip_voc20", 20), ("clearclip_coco_object", 81)],
 )  # fmt: skip
 def test_class_name_files_parse(name, count):
     classes = load_class_names(name)

@@ -274,6 +274,26 @@ def test_method_presets_resolve_the_published_protocol(method, dataset):
     shared = compose_run([f"method={method}", f"dataset={dataset}", "protocol=shared"])
     assert protocol_of(shared) == pytest.approx(NACLIP[dataset]) and shared.dataset.protocol == "dataset"
     assert (shared.attention.name, shared.arch.name) == (att, arch)
+    own = f"clearclip_{dataset}" if method == "clearclip" and dataset in CLEARCLIP_NAMES else dataset
+    assert (cfg.dataset.class_names, shared.dataset.class_names) == (own, dataset)
+
+
+# ClearCLIP's own class-name files (mc-lan/ClearCLIP configs/cls_*.txt): one name per class where NACLIP has synonyms
+CLEARCLIP_NAMES = {"voc21": {0: "background", 15: "person", 20: "tvmonitor"}, "voc20": {14: "person", 19: "tvmonitor"},
+                   "coco_object": {0: "background", 1: "person"}}
+
+
+@pytest.mark.parametrize("dataset", list(CLEARCLIP_NAMES))
+def test_clearclip_class_names_are_single_names_in_the_datasets_order(dataset):
+    from naclip.data import load_class_names
+
+    own, theirs = load_class_names(dataset), load_class_names(f"clearclip_{dataset}")
+    assert len(theirs) == len(own) and all(len(names) == 1 for names in theirs)
+    for index, name in CLEARCLIP_NAMES[dataset].items():
+        assert theirs[index] == [name] and len(own[index]) > 1
+    # elsewhere ClearCLIP's names are NACLIP's first synonyms
+    differ = [i for i, (a, b) in enumerate(zip(own, theirs, strict=True)) if a[0] != b[0]]
+    assert set(differ) <= set(CLEARCLIP_NAMES[dataset])
 
 
 def test_default_method_is_naclip_and_command_line_wins():

@@ -279,8 +279,11 @@ def test_method_presets_resolve_the_published_protocol(method, dataset):
 
 
 # ClearCLIP's own class-name files (mc-lan/ClearCLIP configs/cls_*.txt): one name per class where NACLIP has synonyms
-CLEARCLIP_NAMES = {"voc21": {0: "background", 15: "person", 20: "tvmonitor"}, "voc20": {14: "person", 19: "tvmonitor"},
-                   "coco_object": {0: "background", 1: "person"}}
+CLEARCLIP_NAMES = {
+    "voc21": {0: "background", 15: "person", 20: "tvmonitor"},
+    "voc20": {14: "person", 19: "tvmonitor"},
+    "coco_object": {0: "background", 1: "person"},
+}
 
 
 @pytest.mark.parametrize("dataset", list(CLEARCLIP_NAMES))

@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import open_dict
 
 import naclip
 from naclip import DenseEncoder, Segmenter, attention, config
@@ -205,6 +207,17 @@ def test_suppress_small_classes_zeroes_whole_classes():
     torch.testing.assert_close(out[[0, 1, 3]], probs[[0, 1, 3]])
 
 
+def test_area_thd_never_suppresses_the_background():
+    """Background wins 1 pixel of 12, far below 0.5 × the foreground (11): it keeps its probabilities and its pixel."""
+    top = [[0, 1, 1, 1], [1, 1, 1, 1], [1, 1, 1, 2]]  # bg 1, A 10, B 1: foreground 11, limit 5.5
+    probs = torch.tensor([[PIXEL_PROBS[t][:3] for t in row] for row in top]).permute(2, 0, 1)  # (3, 3, 4)
+    out = suppress_small_classes(probs, 0.5)
+    torch.testing.assert_close(out[:2], probs[:2])  # background and A untouched
+    assert torch.all(out[2] == 0)  # B (1 pixel) is small
+    labels = out.argmax(dim=0)
+    assert labels[0, 0] == 0 and labels[2, 3] == 1  # B's pixel falls to A (0.15 > bg 0.05)
+
+
 def test_area_thd_rejects_bad_values(b32):
     with pytest.raises(ValueError, match="area_thd"):
         Segmenter(b32, ["a", "b"], templates=("a {}.",), area_thd=1.5)
@@ -299,6 +312,24 @@ def test_clearclip_class_names_are_single_names_in_the_datasets_order(dataset):
     assert set(differ) <= set(CLEARCLIP_NAMES[dataset])
 
 
+@pytest.mark.parametrize("dataset", ["demo", "voc21"])
+@pytest.mark.parametrize("method", list(PRESETS))
+def test_plain_command_line_of_each_method_validates(method, dataset):
+    """As `python -m naclip.run method=X dataset=Y` composes and validates: Hydra's runtime choices set, so the
+    default protocol choice `<method>_<dataset>` is checked exactly as on the command line."""
+    config.register()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=config.config_dir(), version_base="1.3"):
+        overrides = [] if method == "naclip" and dataset == "demo" else [f"method={method}", f"dataset={dataset}"]
+        cfg = compose("config", overrides=overrides, return_hydra_config=True)
+        HydraConfig.instance().set_config(cfg)
+        assert HydraConfig.get().runtime.choices["protocol"] == f"{method}_{dataset}"
+        with open_dict(cfg):
+            del cfg["hydra"]
+        config.validate(cfg)  # a wrong default protocol name would be refused here as an unknown protocol
+    assert cfg.method == method
+
+
 def test_default_method_is_naclip_and_command_line_wins():
     cfg = compose_run([])
     assert (cfg.method, cfg.attention.name, cfg.arch.name) == ("naclip", "full", "reduced")
@@ -382,6 +413,24 @@ def test_registered_variant_is_a_builtin_in_every_way(b32, scratch_variant):
     torch.testing.assert_close(got.double(), logits.softmax(-1), atol=1e-5, rtol=1e-4)
     maps = attention_maps(b32, torch.randn(3, 96, 128), [(1, 1)], variants=("qk_sum_test",), sigma=2.0)
     assert maps["qk_sum_test"].shape == (1, 3, 4)
+
+
+def test_registered_weights_and_row_sum_are_what_figures_draw(b32, scratch_variant):
+    """`weights=` replaces the probe of `fn` in figures and every row is divided by `row_sum`."""
+
+    def thrice_uniform(q, k, prior):  # rows sum to 3: a figure must draw 1/N everywhere
+        n = q.shape[-2]
+        return torch.full((*q.shape[:-2], n, n), 3.0 / n, dtype=q.dtype)
+
+    scratch_variant.append("uniform_test")
+    naclip.register_attention(
+        "uniform_test", lambda q, k, v, prior: F.scaled_dot_product_attention(q, q, v), uses_sigma=False,
+        weights=thrice_uniform, row_sum=3.0,
+    )  # fmt: skip
+    maps = attention_maps(b32, torch.randn(3, 96, 128), [(0, 0), (2, 3)], variants=("uniform_test",))
+    tokens = 1 + 3 * 4
+    torch.testing.assert_close(maps["uniform_test"], torch.full((2, 3, 4), 1.0 / tokens))
+    assert "÷ 3" in variant_title("uniform_test")
 
 
 def test_unknown_plugin_module_is_one_clear_error():

@@ -31,7 +31,7 @@ CONFIG_KEYS = {
     "name", "layout", "root", "split", "class_names", "ignore_index", "reduce_zero_label", "short_side",
     "max_long_side", "slide_crop", "slide_stride", "prob_thd", "logit_scale", "hf_path", "hf_name",
     "data_files", "image_column", "label_column", "num_images", "image_size", "seed", "background_index",
-    "expected_images", "protocol", "area_thd",
+    "expected_images", "protocol", "area_thd", "pad_crops",
 }  # fmt: skip
 # Two samples per folder: one landscape, one portrait, so resizing is checked both ways.
 SIZES = [(24, 32), (30, 20)]

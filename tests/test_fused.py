@@ -58,16 +58,17 @@ def images() -> list[torch.Tensor]:
     return [torch.randn(3, 96, 128), torch.randn(3, 64, 96)]
 
 
-@pytest.mark.parametrize("slide_crop", [64, 0], ids=["slide", "whole"])
-def test_fused_segmenter_equals_each_variant_alone_bit_for_bit(b32, cache, slide_crop):
+@pytest.mark.parametrize(("slide_crop", "pad_crops"), [(64, False), (0, False), (100, True)],
+                         ids=["slide", "whole", "padded-crops"])  # 100: 128-wide images get 100-wide crops, padded
+def test_fused_segmenter_equals_each_variant_alone_bit_for_bit(b32, cache, slide_crop, pad_crops):
     fused = FusedSegmenter.create(b32, NAMES, VARIANTS, cache_dir=cache, templates=ONE_TEMPLATE,
-                                  slide_crop=slide_crop, slide_stride=32, crop_batch_size=3)
+                                  slide_crop=slide_crop, slide_stride=32, crop_batch_size=3, pad_crops=pad_crops)
     ims = images()
     logits, labels = fused.logits_list(ims), fused.predict_list(ims, [(48, 64), None])
     assert len(logits) == len(labels) == len(VARIANTS)
     for v, kwargs in enumerate(VARIANTS):
         alone = Segmenter(b32, NAMES, templates=ONE_TEMPLATE, slide_crop=slide_crop, slide_stride=32,
-                          crop_batch_size=3, **kwargs)
+                          crop_batch_size=3, pad_crops=pad_crops, **kwargs)
         for got, want in zip(logits[v], alone.logits_list(ims), strict=True):
             assert torch.equal(got, want)
         for got, want in zip(labels[v], alone.predict_list(ims, [(48, 64), None]), strict=True):
@@ -110,6 +111,8 @@ def test_variants_that_cannot_share_a_pass_are_rejected(b32, b16, cache):
     with pytest.raises(ValueError, match="slide_stride"):
         FusedSegmenter([Segmenter(b32, NAMES, slide_crop=64, slide_stride=32, **common),
                         Segmenter(b32, NAMES, slide_crop=64, slide_stride=48, **common)])
+    with pytest.raises(ValueError, match="pad_crops"):
+        FusedSegmenter([Segmenter(b32, NAMES, **common), Segmenter(b32, NAMES, pad_crops=True, **common)])
     with pytest.raises(ValueError, match="model"):
         FusedSegmenter([Segmenter(b32, NAMES, **common), Segmenter(b16, NAMES, **common)])
     with pytest.raises(ValueError, match="at least one"):

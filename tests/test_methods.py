@@ -287,6 +287,7 @@ def test_method_presets_resolve_the_published_protocol(method, dataset):
     shared = compose_run([f"method={method}", f"dataset={dataset}", "protocol=shared"])
     assert protocol_of(shared) == pytest.approx(NACLIP[dataset]) and shared.dataset.protocol == "dataset"
     assert (shared.attention.name, shared.arch.name) == (att, arch)
+    assert (cfg.dataset.pad_crops, shared.dataset.pad_crops) == (method == "clearclip", False)
     own = f"clearclip_{dataset}" if method == "clearclip" and dataset in CLEARCLIP_NAMES else dataset
     assert (cfg.dataset.class_names, shared.dataset.class_names) == (own, dataset)
 

@@ -356,28 +356,42 @@ def test_methods_table_presets_agree_with_the_configs():
         assert spec.protocol == PRESETS[method][3]
 
 
-def fake(method: str, dataset: str, miou: float, protocol: str, attention_name: str | None = None) -> dict:
+def fake(
+    method: str,
+    dataset: str,
+    miou: float,
+    protocol: str,
+    attention_name: str | None = None,
+    precision: str | None = None,
+) -> dict:
     spec = METHODS[method]
     choices = {"backbone": "b16", "refine": "none", "method": method, "dataset": dataset,
                "attention": attention_name or spec.attention, "arch": spec.arch}
+    backbone = {} if precision is None else {"precision": precision}  # None: a result from before the key
     return {"choices": choices, "miou": miou, "finished_at": "2026-01-01T00:00:00+00:00",
-            "config": {"dataset": {"protocol": protocol}, "attention": {"sigma": None}}}
+            "config": {"dataset": {"protocol": protocol}, "attention": {"sigma": None}, "backbone": backbone}}
 
 
 def test_methods_table_rows():
     results = [fake("sclip", d, 50.0 + i, "sclip") for i, d in enumerate(BENCHMARKS)]
-    results += [fake("sclip", "voc21", 11.0, "dataset"), fake("sclip", "voc21", 99.0, "sclip", attention_name="full")]
+    results += [fake("sclip", "voc21", 11.0, "dataset", precision="fp16"),
+                fake("sclip", "voc21", 99.0, "sclip", attention_name="full")]
+    results += [fake("clearclip", "voc21", 40.0, "clearclip", precision="fp16"),
+                fake("clearclip", "pc60", 30.0, "clearclip", precision="fp32")]
     table = methods_table(results)
-    assert table.value("SCLIP", "V21") == 50.0 and table.value("SCLIP", "C-Stf") == 57.0
-    assert table.value("SCLIP", "Avg") == pytest.approx(53.5)
-    assert table.value("SCLIP (shared protocol)", "V21") == 11.0
+    assert table.value("SCLIP [fp32]", "V21") == 50.0 and table.value("SCLIP [fp32]", "C-Stf") == 57.0
+    assert table.value("SCLIP [fp32]", "Avg") == pytest.approx(53.5)
+    assert table.value("SCLIP (shared protocol) [fp16]", "V21") == 11.0
+    assert table.value("ClearCLIP [fp16, fp32]", "V21") == 40.0  # a row of mixed precisions names both
     assert table.value("SCLIP (published, NACLIP Table 1)", "V21") == 59.1
     assert table.value("ClearCLIP (published, ClearCLIP Table 1)", "PC60") == 32.6
     assert table.value("MaskCLIP (published, NACLIP Table 1)", "C-Stf") == 16.7
     assert table.value("CLIP", "V21") is None
     labels = [label for label, _ in table.rows]
+    assert "CLIP" in labels  # no results: no precision to name
     for spec in METHODS.values():  # each measured row is followed by the published one
-        assert labels.index(f"{spec.label} (published, {spec.source})") > labels.index(spec.label)
+        measured = next(i for i, label in enumerate(labels) if label.split(" [")[0] == spec.label)
+        assert labels.index(f"{spec.label} (published, {spec.source})") > measured
 
 
 # ------------------------------------------------------------------------------------------ plug-ins

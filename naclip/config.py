@@ -93,6 +93,7 @@ class DatasetConfig:
     prob_thd: float = 0.0
     area_thd: float = 0.0  # SCLIP's small-region suppression (0 = off)
     logit_scale: float = 40.0
+    pad_crops: bool = False  # ClearCLIP: zero-pad slide crops to whole patches (centred), cut the logits back out
     protocol: str = "dataset"  # where the protocol values come from: the dataset's own, or a method's (conf/protocol/)
     hf_path: str | None = None
     hf_name: str | None = None
@@ -211,6 +212,7 @@ class PredictConfig(MethodConfig):
     max_long_side: int = 2048
     slide_crop: int = 224
     slide_stride: int = 112
+    pad_crops: bool = False
     crop_batch_size: int = 64
     alpha: float = 0.5
     output_root: str = "outputs"
@@ -266,10 +268,10 @@ def build_segmenter(
 ) -> tuple[Any, tuple, tuple]:
     """The model and segmenter a run or predict config describes: (segmenter on device, mean, std).
 
-    `protocol` holds slide_crop, slide_stride, logit_scale, prob_thd and area_thd (the dataset group, or predict's
-    top level). `timings`, when given, receives `seconds_model_load` and `seconds_text_classifier` (both steps
-    take seconds to minutes, so they are logged and reported apart from the evaluation time). `model`: the
-    backbone already loaded (fused sweeps build many segmenters on one model); None loads it.
+    `protocol` holds slide_crop, slide_stride, pad_crops, logit_scale, prob_thd and area_thd (the dataset group,
+    or predict's top level). `timings`, when given, receives `seconds_model_load` and `seconds_text_classifier`
+    (both steps take seconds to minutes, so they are logged and reported apart from the evaluation time).
+    `model`: the backbone already loaded (fused sweeps build many segmenters on one model); None loads it.
     """
     from naclip.clip import image_mean_std
     from naclip.segmenter import Segmenter
@@ -294,6 +296,7 @@ def build_segmenter(
         logit_scale=protocol.logit_scale,
         prob_thd=protocol.prob_thd,
         area_thd=protocol.area_thd,
+        pad_crops=protocol.pad_crops,
         pamr=cfg.refine.name == "pamr",
         pamr_steps=cfg.refine.steps,
         pamr_dilations=tuple(cfg.refine.dilations),

@@ -21,7 +21,7 @@ from naclip.encoder import check_images
 from naclip.segmenter import LogitsAccumulator, Segmenter
 
 # What every variant must share for one trunk pass to serve them all (besides the model itself).
-_SHARED = ("slide_crop", "slide_stride", "crop_batch_size")
+_SHARED = ("slide_crop", "slide_stride", "pad_crops", "crop_batch_size")
 
 
 class FusedSegmenter(nn.Module):
@@ -31,7 +31,7 @@ class FusedSegmenter(nn.Module):
     and every kernel are the same; only blocks 1..L-1 are run once instead of once per variant.
 
     Args:
-        variants: segmenters built on the same model, with the same slide_crop, slide_stride and
+        variants: segmenters built on the same model, with the same slide_crop, slide_stride, pad_crops and
             crop_batch_size (they may differ in attention, arch, sigma, PAMR, logit_scale, prob_thd, classes).
 
     Raises:
@@ -94,7 +94,9 @@ class FusedSegmenter(nn.Module):
             check_images(image[None], first.encoder.patch_size)
         taps = functools.reduce(operator.or_, (v.taps for v in self.variants))
         crops, owners = first.crops(images)
-        accumulators = [LogitsAccumulator(images, owners, len(v.query_names)) for v in self.variants]
+        accumulators = [
+            LogitsAccumulator(images, owners, len(v.query_names), first.padded_patch) for v in self.variants
+        ]
         for chunk in first.chunks(crops):
             state = first.trunk(torch.stack([crops[i] for i in chunk]), taps)
             for variant, accumulator in zip(self.variants, accumulators, strict=True):

@@ -33,6 +33,26 @@ def slide_windows(height: int, width: int, crop: int, stride: int) -> list[Windo
     return windows
 
 
+def centred_padding(height: int, width: int, patch: tuple[int, int]) -> tuple[int, int, int, int]:
+    """(left, right, top, bottom) pixels that bring a crop to whole (rows, cols) patches, split evenly with the odd
+    one on the right and bottom: ClearCLIP's padding of sliding-window crops (its ``compute_padsize``)."""
+    extra_h, extra_w = -height % patch[0], -width % patch[1]
+    return extra_w // 2, extra_w - extra_w // 2, extra_h // 2, extra_h - extra_h // 2
+
+
+def pad_crop(crop: Tensor, patch: tuple[int, int]) -> Tensor:
+    """A (3, h, w) crop zero-padded (zero = the mean colour after CLIP normalization) to whole patches, centred."""
+    return F.pad(crop, centred_padding(crop.shape[-2], crop.shape[-1], patch))
+
+
+def cut_padding(logits: Tensor, size: tuple[int, int], patch: tuple[int, int]) -> Tensor:
+    """Logits (Q, h, w) of a crop of `size` padded by :func:`pad_crop`: upsampled to the padded crop, the padding
+    cut off, so every pixel keeps its own position instead of the grid being stretched over the crop."""
+    left, right, top, bottom = centred_padding(*size, patch)
+    padded = _upsample(logits, (size[0] + top + bottom, size[1] + left + right))
+    return padded[:, top : top + size[0], left : left + size[1]]
+
+
 def suppress_small_classes(probs: Tensor, area_thd: float) -> Tensor:
     """SCLIP's ``area_thd`` on (C, H, W) probabilities, class 0 = background: every other class whose argmax area
     is at most ``area_thd`` × the predicted non-background area gets probability 0 everywhere."""
@@ -68,6 +88,9 @@ class Segmenter(nn.Module):
         area_thd: SCLIP's small-region suppression: a non-background class whose argmax area is at most
             area_thd × the whole predicted non-background area gets probability 0 everywhere (None/0 = off).
         pamr: refine the logits with PAMR before the softmax.
+        pad_crops: zero-pad each sliding-window crop to whole patches (centred) and cut its logits back out, as
+            ClearCLIP does; False lets the patch convolution drop the remainder and stretches the logits over the
+            crop (NACLIP, SCLIP). Whole images (slide_crop=0) are never padded.
         templates: prompt templates, default the 80 OpenAI ones.
         pamr_steps, pamr_dilations: PAMR iterations and dilations.
         crop_batch_size: sliding-window crops per encoder forward.
@@ -110,6 +133,7 @@ class Segmenter(nn.Module):
         method: str | Method | None = None,
         method_options: Mapping[str, Any] | None = None,
         tokenizer: Callable[[list[str]], Tensor] | None = None,
+        pad_crops: bool = False,
     ) -> None:
         super().__init__()
         if area_thd is not None and not 0.0 <= float(area_thd) < 1.0:
@@ -136,6 +160,7 @@ class Segmenter(nn.Module):
         self.area_thd = float(area_thd or 0.0)
         self.pamr = PAMR(pamr_steps, tuple(pamr_dilations)) if pamr else None
         self.crop_batch_size = int(crop_batch_size)
+        self.pad_crops = bool(pad_crops)
 
     @property
     def num_classes(self) -> int:
@@ -169,7 +194,8 @@ class Segmenter(nn.Module):
         crops, owners = [], []
         for idx, image in enumerate(images):
             for win in slide_windows(image.shape[-2], image.shape[-1], self.slide_crop, self.slide_stride):
-                crops.append(image[:, win[0] : win[1], win[2] : win[3]])
+                crop = image[:, win[0] : win[1], win[2] : win[3]]
+                crops.append(pad_crop(crop, self.encoder.patch_size) if self.pad_crops else crop)
                 owners.append((idx, win))
         return crops, owners
 
@@ -190,13 +216,18 @@ class Segmenter(nn.Module):
         for chunk in self.chunks(crops):
             yield from zip(chunk, self.patch_logits(torch.stack([crops[i] for i in chunk])), strict=True)
 
+    @property
+    def padded_patch(self) -> tuple[int, int] | None:
+        """The patch size crops are padded to (see :func:`pad_crop`), None when they are not padded."""
+        return self.encoder.patch_size if self.pad_crops else None
+
     @torch.no_grad()
     def logits_list(self, images: Sequence[Tensor]) -> list[Tensor]:
         """Cosine logits (Q, H, W) for images of any sizes, all their crops encoded together."""
         for image in images:
             check_images(image[None], self.encoder.patch_size)
         crops, owners = self.crops(images)
-        accumulator = LogitsAccumulator(images, owners, len(self.query_names))
+        accumulator = LogitsAccumulator(images, owners, len(self.query_names), self.padded_patch)
         for i, lg in self._encode_grouped(crops):
             accumulator.add(i, lg)
         return accumulator.result()
@@ -293,10 +324,18 @@ class LogitsAccumulator:
     """Per-image logits (Q, H, W) at input size, filled crop by crop: whole images upsampled, windows averaged.
 
     Apart from the encoder so that several configurations can fill their own from one shared trunk pass.
+    ``padded_patch``: the windows' crops were padded by :func:`pad_crop` to this patch size (None: not padded).
     """
 
-    def __init__(self, images: Sequence[Tensor], owners: Sequence[tuple[int, Window | None]], num_queries: int) -> None:
+    def __init__(
+        self,
+        images: Sequence[Tensor],
+        owners: Sequence[tuple[int, Window | None]],
+        num_queries: int,
+        padded_patch: tuple[int, int] | None = None,
+    ) -> None:
         self.owners = owners
+        self.padded_patch = padded_patch
         self.sizes = [tuple(image.shape[-2:]) for image in images]
         self.whole: list[Tensor | None] = [None] * len(images)
         slide = any(win is not None for _, win in owners)
@@ -310,7 +349,9 @@ class LogitsAccumulator:
             self.whole[idx] = _upsample(logits, self.sizes[idx])
             return
         y1, y2, x1, x2 = win
-        self.sums[idx][:, y1:y2, x1:x2] += _upsample(logits, (y2 - y1, x2 - x1))
+        size = (y2 - y1, x2 - x1)
+        patch = self.padded_patch
+        self.sums[idx][:, y1:y2, x1:x2] += cut_padding(logits, size, patch) if patch else _upsample(logits, size)
         self.counts[idx][y1:y2, x1:x2] += 1
 
     def result(self) -> list[Tensor]:

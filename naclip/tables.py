@@ -656,10 +656,24 @@ def _protocol(result: Mapping[str, Any]) -> str:
     return str(dataset.get("protocol", "dataset"))
 
 
+def _precision(result: Mapping[str, Any]) -> str:
+    """The backbone precision a result was computed in (results from before the key existed ran fp32)."""
+    backbone = (result.get("config") or {}).get("backbone") or {}
+    return str(backbone.get("precision") or "fp32")
+
+
+def _with_precisions(label: str, results: Iterable[Mapping[str, Any]]) -> str:
+    """A measured row's label naming the precision(s) of its cells, e.g. ``ClearCLIP [fp16]``: the authors'
+    published numbers are fp16 on GPU, and fp32 moves a few labels, so a reader must see which one a row is."""
+    precisions = sorted({_precision(r) for r in results})
+    return f"{label} [{', '.join(precisions)}]" if precisions else label
+
+
 def methods_table(results: list[dict]) -> Table:
     """Each method measured under its published protocol, then under the shared one where that differs, then its
     published row (source named in the label). A run counts for a method only with that method's attention and
-    arch, so `method=sclip attention=full` never fills SCLIP's row."""
+    arch, so `method=sclip attention=full` never fills SCLIP's row. A measured row's label names the precision(s)
+    its results were computed in (``SCLIP [fp16]``)."""
     table = Table(_METHODS_TITLE, [*DATASET_COLUMNS.values(), "Avg"])
     for method, spec in METHODS.items():
         choices = {"backbone": "b16", "refine": "none", "method": method}
@@ -671,7 +685,8 @@ def methods_table(results: list[dict]) -> Table:
         for protocol, label in protocols:
             measured = _measured([r for r in results if _protocol(r) == protocol], choices, protocol)
             values, flags = _cells(measured, list(DATASET_COLUMNS))
-            table.add_row(label, values, _marked_columns(table.columns, flags))
+            row = _with_precisions(label, (measured[d] for d in DATASET_COLUMNS if d in measured))
+            table.add_row(row, values, _marked_columns(table.columns, flags))
         table.add_row(f"{spec.label} (published, {spec.source})", [*spec.published, _mean_if_complete(spec.published)])
     return table
 

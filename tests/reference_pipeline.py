@@ -228,6 +228,33 @@ def slide_logits(
     return total / count
 
 
+def padded_slide_logits(
+    model: torch.nn.Module, classifier: Tensor, image: Tensor, crop: int, stride: int, patch: int, **method: object
+) -> Tensor:
+    """(Q, H, W): ClearCLIP's slide inference. A window whose side is not a whole number of patches is laid on a
+    zero canvas of whole patches (half the margin before it, rounded down, the rest after); the canvas's patch
+    logits are upsampled to the canvas and the window's own pixels cut out; overlaps averaged."""
+    _, height, width = image.shape
+
+    def starts(size: int) -> list[int]:
+        count = max(size - crop + stride - 1, 0) // stride + 1
+        return [max(min(i * stride + crop, size) - crop, 0) for i in range(count)]
+
+    total = torch.zeros(classifier.shape[0], height, width)
+    count = torch.zeros(height, width)
+    for y in starts(height):
+        for x in starts(width):
+            h, w = min(y + crop, height) - y, min(x + crop, width) - x
+            margin_h, margin_w = (patch - h % patch) % patch, (patch - w % patch) % patch
+            top, left = margin_h // 2, margin_w // 2
+            canvas = torch.zeros(3, h + margin_h, w + margin_w)
+            canvas[:, top : top + h, left : left + w] = image[:, y : y + h, x : x + w]
+            logits = upsample(cosine_logits(model, classifier, canvas, **method), tuple(canvas.shape[-2:]))
+            total[:, y : y + h, x : x + w] += logits[:, top : top + h, left : left + w]
+            count[y : y + h, x : x + w] += 1
+    return total / count
+
+
 def pamr(image: Tensor, logits: Tensor, steps: int, dilations: Sequence[int]) -> Tensor:
     """PAMR (Araslanov & Roth 2020) on one image (3, H, W) and its logits (K, H, W).
 

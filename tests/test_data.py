@@ -31,7 +31,7 @@ CONFIG_KEYS = {
     "name", "layout", "root", "split", "class_names", "ignore_index", "reduce_zero_label", "short_side",
     "max_long_side", "slide_crop", "slide_stride", "prob_thd", "logit_scale", "hf_path", "hf_name",
     "data_files", "image_column", "label_column", "num_images", "image_size", "seed", "background_index",
-    "expected_images", "protocol", "area_thd",
+    "expected_images", "protocol", "area_thd", "pad_crops",
 }  # fmt: skip
 # Two samples per folder: one landscape, one portrait, so resizing is checked both ways.
 SIZES = [(24, 32), (30, 20)]
@@ -181,7 +181,8 @@ def test_default_root_follows_naclip_data(monkeypatch):
 @pytest.mark.parametrize(
     ("name", "count"),
     [("voc21", 21), ("voc20", 20), ("pc60", 60), ("pc59", 59), ("ade", 150), ("coco_stuff", 171),
-     ("coco_object", 81), ("cityscapes", 19), ("synthetic", 4)],
+     ("coco_object", 81), ("cityscapes", 19), ("synthetic", 4), ("clearclip_voc21", 21),
+     ("clearclip_voc20", 20), ("clearclip_coco_object", 81)],
 )  # fmt: skip
 def test_class_name_files_parse(name, count):
     classes = load_class_names(name)

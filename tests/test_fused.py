@@ -58,16 +58,17 @@ def images() -> list[torch.Tensor]:
     return [torch.randn(3, 96, 128), torch.randn(3, 64, 96)]
 
 
-@pytest.mark.parametrize("slide_crop", [64, 0], ids=["slide", "whole"])
-def test_fused_segmenter_equals_each_variant_alone_bit_for_bit(b32, cache, slide_crop):
+@pytest.mark.parametrize(("slide_crop", "pad_crops"), [(64, False), (0, False), (100, True)],
+                         ids=["slide", "whole", "padded-crops"])  # 100: 128-wide images get 100-wide crops, padded
+def test_fused_segmenter_equals_each_variant_alone_bit_for_bit(b32, cache, slide_crop, pad_crops):
     fused = FusedSegmenter.create(b32, NAMES, VARIANTS, cache_dir=cache, templates=ONE_TEMPLATE,
-                                  slide_crop=slide_crop, slide_stride=32, crop_batch_size=3)
+                                  slide_crop=slide_crop, slide_stride=32, crop_batch_size=3, pad_crops=pad_crops)
     ims = images()
     logits, labels = fused.logits_list(ims), fused.predict_list(ims, [(48, 64), None])
     assert len(logits) == len(labels) == len(VARIANTS)
     for v, kwargs in enumerate(VARIANTS):
         alone = Segmenter(b32, NAMES, templates=ONE_TEMPLATE, slide_crop=slide_crop, slide_stride=32,
-                          crop_batch_size=3, **kwargs)
+                          crop_batch_size=3, pad_crops=pad_crops, **kwargs)
         for got, want in zip(logits[v], alone.logits_list(ims), strict=True):
             assert torch.equal(got, want)
         for got, want in zip(labels[v], alone.predict_list(ims, [(48, 64), None]), strict=True):
@@ -107,6 +108,11 @@ def test_variants_that_cannot_share_a_pass_are_rejected(b32, b16, cache):
     common = {"templates": ONE_TEMPLATE, "cache_dir": cache}
     with pytest.raises(ValueError, match="slide_crop"):
         FusedSegmenter([Segmenter(b32, NAMES, slide_crop=64, **common), Segmenter(b32, NAMES, slide_crop=96, **common)])
+    with pytest.raises(ValueError, match="slide_stride"):
+        FusedSegmenter([Segmenter(b32, NAMES, slide_crop=64, slide_stride=32, **common),
+                        Segmenter(b32, NAMES, slide_crop=64, slide_stride=48, **common)])
+    with pytest.raises(ValueError, match="pad_crops"):
+        FusedSegmenter([Segmenter(b32, NAMES, **common), Segmenter(b32, NAMES, pad_crops=True, **common)])
     with pytest.raises(ValueError, match="model"):
         FusedSegmenter([Segmenter(b32, NAMES, **common), Segmenter(b16, NAMES, **common)])
     with pytest.raises(ValueError, match="at least one"):
@@ -135,9 +141,10 @@ def test_grouping_by_shared_work():
         ["dataset=voc21"],  # 8: another dataset
         ["crop_batch_size=2"],  # 9: another chunking
         ["attention.sigma=3", "dataset.short_side=128"],  # 10: with 5
+        ["dataset.slide_stride=48"],  # 11: the same crop size, other windows
     ]
     cfgs = [compose_run([*SMOKE, *o]) for o in jobs]
-    assert group_jobs(cfgs) == [[0, 1, 2], [3], [4], [5, 10], [6], [7], [8], [9]]
+    assert group_jobs(cfgs) == [[0, 1, 2], [3], [4], [5, 10], [6], [7], [8], [9], [11]]
 
 
 def run_alone(overrides: list[str], out_dir: Path) -> dict:
@@ -174,6 +181,61 @@ def test_a_job_whose_segmenter_cannot_be_built_fails_alone(tmp_path):
     done = evaluate_group(cfgs)
     assert done.outcomes[0].scores["miou"] == want["miou"]
     assert isinstance(done.outcomes[1].error, ValueError) and done.outcomes[1].scores is None
+
+
+def sweep_in_process(monkeypatch, overrides: list[str]) -> None:
+    """`python -m naclip.run -m <overrides>` in this process (Hydra's app, launchers and callbacks, all of it)."""
+    from naclip import run
+
+    monkeypatch.setattr(sys, "argv", ["naclip.run", "-m", *overrides])
+    GlobalHydra.instance().clear()
+    run.main()
+
+
+def test_fused_sweep_records_each_job_once_and_only_its_own_sweep(tmp_path, monkeypatch, capsys):
+    """In-process fused sweeps: a fused job runs only in its group's pass, gets its own text-classifier time and
+    its status.json; a re-run records reused jobs as skipped and a new one as finished; an older sweep's
+    failure left in the same folder counts in neither summary."""
+    from naclip import run, sweep
+
+    sweep_dir = tmp_path / "outputs" / "sweeps" / "default"
+    (sweep_dir / "stale").mkdir(parents=True)
+    (sweep_dir / "stale" / "status.json").write_text(json.dumps({"status": "failed", "error": "x", "sweep": "old"}))
+    alone, groups, built = [], [], []
+    evaluate, evaluate_group, build = run.evaluate, sweep.evaluate_group, naclip_config.build_segmenter
+
+    def counting_build(cfg, names, protocol, device, timings=None, model=None):  # a distinct time per segmenter
+        out = build(cfg, names, protocol, device, timings, model)
+        built.append(cfg.attention.sigma)
+        timings["seconds_text_classifier"] = 100.0 + len(built)
+        return out
+
+    monkeypatch.setattr(run, "evaluate", lambda cfg, out: alone.append(cfg.attention.sigma) or evaluate(cfg, out))
+    monkeypatch.setattr(sweep, "evaluate_group", lambda cfgs: groups.append(len(cfgs)) or evaluate_group(cfgs))
+    monkeypatch.setattr(naclip_config, "build_segmenter", counting_build)
+
+    def statuses() -> dict[str, tuple[str, float]]:
+        found = {}
+        for path in sweep_dir.glob("*/status.json"):
+            status = json.loads(path.read_text())
+            if status["sweep"] != "old":
+                sigma = json.loads((path.parent / "result.json").read_text())["config"]["attention"]["sigma"]
+                found[sigma] = status["status"]
+        return found
+
+    sweep_in_process(monkeypatch, [*SMOKE, "max_images=1", "attention.sigma=2,6", "hydra/launcher=fused"])
+    assert (alone, groups, built) == ([], [2], [2.0, 6.0])  # one pass for both, neither job run again alone
+    assert statuses() == {2.0: "finished", 6.0: "finished"}
+    texts = {r["config"]["attention"]["sigma"]: r["seconds_text_classifier"] for r in results(tmp_path / "outputs")
+             .values()}
+    assert texts == {2.0: 101.0, 6.0: 102.0}
+    assert "sweep summary: 2 finished, 0 skipped, 0 failed" in capsys.readouterr().out
+
+    sweep_in_process(monkeypatch, [*SMOKE, "max_images=1", "attention.sigma=2,6,9", "hydra/launcher=fused"])
+    assert sorted(alone) == [2.0, 6.0, 9.0] and groups == [2]  # the two finished jobs reused, the new one alone
+    assert statuses() == {2.0: "skipped", 6.0: "skipped", 9.0: "finished"}
+    out = capsys.readouterr().out
+    assert "sweep summary: 1 finished, 2 skipped, 0 failed" in out and "stale" not in out
 
 
 def cli(args: list[str], out: Path, cache: Path, **extra_env: str) -> subprocess.CompletedProcess:

@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import open_dict
 
 import naclip
 from naclip import DenseEncoder, Segmenter, attention, config
@@ -205,6 +207,17 @@ def test_suppress_small_classes_zeroes_whole_classes():
     torch.testing.assert_close(out[[0, 1, 3]], probs[[0, 1, 3]])
 
 
+def test_area_thd_never_suppresses_the_background():
+    """Background wins 1 pixel of 12, far below 0.5 × the foreground (11): it keeps its probabilities and its pixel."""
+    top = [[0, 1, 1, 1], [1, 1, 1, 1], [1, 1, 1, 2]]  # bg 1, A 10, B 1: foreground 11, limit 5.5
+    probs = torch.tensor([[PIXEL_PROBS[t][:3] for t in row] for row in top]).permute(2, 0, 1)  # (3, 3, 4)
+    out = suppress_small_classes(probs, 0.5)
+    torch.testing.assert_close(out[:2], probs[:2])  # background and A untouched
+    assert torch.all(out[2] == 0)  # B (1 pixel) is small
+    labels = out.argmax(dim=0)
+    assert labels[0, 0] == 0 and labels[2, 3] == 1  # B's pixel falls to A (0.15 > bg 0.05)
+
+
 def test_area_thd_rejects_bad_values(b32):
     with pytest.raises(ValueError, match="area_thd"):
         Segmenter(b32, ["a", "b"], templates=("a {}.",), area_thd=1.5)
@@ -275,6 +288,48 @@ def test_method_presets_resolve_the_published_protocol(method, dataset):
     shared = compose_run([f"method={method}", f"dataset={dataset}", "protocol=shared"])
     assert protocol_of(shared) == pytest.approx(NACLIP[dataset]) and shared.dataset.protocol == "dataset"
     assert (shared.attention.name, shared.arch.name) == (att, arch)
+    assert (cfg.dataset.pad_crops, shared.dataset.pad_crops) == (method == "clearclip", False)
+    own = f"clearclip_{dataset}" if method == "clearclip" and dataset in CLEARCLIP_NAMES else dataset
+    assert (cfg.dataset.class_names, shared.dataset.class_names) == (own, dataset)
+
+
+# ClearCLIP's own class-name files (mc-lan/ClearCLIP configs/cls_*.txt): one name per class where NACLIP has synonyms
+CLEARCLIP_NAMES = {
+    "voc21": {0: "background", 15: "person", 20: "tvmonitor"},
+    "voc20": {14: "person", 19: "tvmonitor"},
+    "coco_object": {0: "background", 1: "person"},
+}
+
+
+@pytest.mark.parametrize("dataset", list(CLEARCLIP_NAMES))
+def test_clearclip_class_names_are_single_names_in_the_datasets_order(dataset):
+    from naclip.data import load_class_names
+
+    own, theirs = load_class_names(dataset), load_class_names(f"clearclip_{dataset}")
+    assert len(theirs) == len(own) and all(len(names) == 1 for names in theirs)
+    for index, name in CLEARCLIP_NAMES[dataset].items():
+        assert theirs[index] == [name] and len(own[index]) > 1
+    # elsewhere ClearCLIP's names are NACLIP's first synonyms
+    differ = [i for i, (a, b) in enumerate(zip(own, theirs, strict=True)) if a[0] != b[0]]
+    assert set(differ) <= set(CLEARCLIP_NAMES[dataset])
+
+
+@pytest.mark.parametrize("dataset", ["demo", "voc21"])
+@pytest.mark.parametrize("method", list(PRESETS))
+def test_plain_command_line_of_each_method_validates(method, dataset):
+    """As `python -m naclip.run method=X dataset=Y` composes and validates: Hydra's runtime choices set, so the
+    default protocol choice `<method>_<dataset>` is checked exactly as on the command line."""
+    config.register()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=config.config_dir(), version_base="1.3"):
+        overrides = [] if method == "naclip" and dataset == "demo" else [f"method={method}", f"dataset={dataset}"]
+        cfg = compose("config", overrides=overrides, return_hydra_config=True)
+        HydraConfig.instance().set_config(cfg)
+        assert HydraConfig.get().runtime.choices["protocol"] == f"{method}_{dataset}"
+        with open_dict(cfg):
+            del cfg["hydra"]
+        config.validate(cfg)  # a wrong default protocol name would be refused here as an unknown protocol
+    assert cfg.method == method
 
 
 def test_default_method_is_naclip_and_command_line_wins():
@@ -305,28 +360,42 @@ def test_methods_table_presets_agree_with_the_configs():
         assert spec.protocol == PRESETS[method][3]
 
 
-def fake(method: str, dataset: str, miou: float, protocol: str, attention_name: str | None = None) -> dict:
+def fake(
+    method: str,
+    dataset: str,
+    miou: float,
+    protocol: str,
+    attention_name: str | None = None,
+    precision: str | None = None,
+) -> dict:
     spec = METHODS[method]
     choices = {"backbone": "b16", "refine": "none", "method": method, "dataset": dataset,
                "attention": attention_name or spec.attention, "arch": spec.arch}
+    backbone = {} if precision is None else {"precision": precision}  # None: a result from before the key
     return {"choices": choices, "miou": miou, "finished_at": "2026-01-01T00:00:00+00:00",
-            "config": {"dataset": {"protocol": protocol}, "attention": {"sigma": None}}}
+            "config": {"dataset": {"protocol": protocol}, "attention": {"sigma": None}, "backbone": backbone}}
 
 
 def test_methods_table_rows():
     results = [fake("sclip", d, 50.0 + i, "sclip") for i, d in enumerate(BENCHMARKS)]
-    results += [fake("sclip", "voc21", 11.0, "dataset"), fake("sclip", "voc21", 99.0, "sclip", attention_name="full")]
+    results += [fake("sclip", "voc21", 11.0, "dataset", precision="fp16"),
+                fake("sclip", "voc21", 99.0, "sclip", attention_name="full")]
+    results += [fake("clearclip", "voc21", 40.0, "clearclip", precision="fp16"),
+                fake("clearclip", "pc60", 30.0, "clearclip", precision="fp32")]
     table = methods_table(results)
-    assert table.value("SCLIP", "V21") == 50.0 and table.value("SCLIP", "C-Stf") == 57.0
-    assert table.value("SCLIP", "Avg") == pytest.approx(53.5)
-    assert table.value("SCLIP (shared protocol)", "V21") == 11.0
+    assert table.value("SCLIP [fp32]", "V21") == 50.0 and table.value("SCLIP [fp32]", "C-Stf") == 57.0
+    assert table.value("SCLIP [fp32]", "Avg") == pytest.approx(53.5)
+    assert table.value("SCLIP (shared protocol) [fp16]", "V21") == 11.0
+    assert table.value("ClearCLIP [fp16, fp32]", "V21") == 40.0  # a row of mixed precisions names both
     assert table.value("SCLIP (published, NACLIP Table 1)", "V21") == 59.1
     assert table.value("ClearCLIP (published, ClearCLIP Table 1)", "PC60") == 32.6
     assert table.value("MaskCLIP (published, NACLIP Table 1)", "C-Stf") == 16.7
     assert table.value("CLIP", "V21") is None
     labels = [label for label, _ in table.rows]
+    assert "CLIP" in labels  # no results: no precision to name
     for spec in METHODS.values():  # each measured row is followed by the published one
-        assert labels.index(f"{spec.label} (published, {spec.source})") > labels.index(spec.label)
+        measured = next(i for i, label in enumerate(labels) if label.split(" [")[0] == spec.label)
+        assert labels.index(f"{spec.label} (published, {spec.source})") > measured
 
 
 # ------------------------------------------------------------------------------------------ plug-ins
@@ -363,6 +432,24 @@ def test_registered_variant_is_a_builtin_in_every_way(b32, scratch_variant):
     torch.testing.assert_close(got.double(), logits.softmax(-1), atol=1e-5, rtol=1e-4)
     maps = attention_maps(b32, torch.randn(3, 96, 128), [(1, 1)], variants=("qk_sum_test",), sigma=2.0)
     assert maps["qk_sum_test"].shape == (1, 3, 4)
+
+
+def test_registered_weights_and_row_sum_are_what_figures_draw(b32, scratch_variant):
+    """`weights=` replaces the probe of `fn` in figures and every row is divided by `row_sum`."""
+
+    def thrice_uniform(q, k, prior):  # rows sum to 3: a figure must draw 1/N everywhere
+        n = q.shape[-2]
+        return torch.full((*q.shape[:-2], n, n), 3.0 / n, dtype=q.dtype)
+
+    scratch_variant.append("uniform_test")
+    naclip.register_attention(
+        "uniform_test", lambda q, k, v, prior: F.scaled_dot_product_attention(q, q, v), uses_sigma=False,
+        weights=thrice_uniform, row_sum=3.0,
+    )  # fmt: skip
+    maps = attention_maps(b32, torch.randn(3, 96, 128), [(0, 0), (2, 3)], variants=("uniform_test",))
+    tokens = 1 + 3 * 4
+    torch.testing.assert_close(maps["uniform_test"], torch.full((2, 3, 4), 1.0 / tokens))
+    assert "÷ 3" in variant_title("uniform_test")
 
 
 def test_unknown_plugin_module_is_one_clear_error():

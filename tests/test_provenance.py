@@ -19,7 +19,7 @@ from omegaconf import OmegaConf, open_dict
 from PIL import Image
 
 from naclip import config
-from naclip.results import provenance, run_tags
+from naclip.results import caveats, provenance, run_tags
 
 CONF = Path(config.config_dir())
 SMOKE = ["dataset=synthetic", "backbone=b32", "backbone.pretrained=null", "num_workers=0", "dataset.num_images=3"]
@@ -55,11 +55,13 @@ def run_in_process(overrides: list[str], out_dir: Path, mode: RunMode = RunMode.
         ({"backbone": {"pretrained": None}}, 1449, 0, True, []),
         ({"max_images": 20}, 1449, 0, False, ["max_images=20 of 1449 images"]),
         ({"max_images": 5000}, 1449, 0, False, []),
+        ({"max_images": 1449}, 1449, 0, False, []),
         ({}, 1449, 2, False, ["2 unreadable samples skipped"]),
         ({}, 1000, 0, False, ["split holds 1000 images, the protocol 1449"]),
         ({"dataset": {"expected_images": None}}, 7, 0, False, []),
     ],
-    ids=["full", "random", "max-images", "max-images-above-split", "skipped", "short-split", "no-protocol-count"],
+    ids=["full", "random", "max-images", "max-images-above-split", "max-images-equal-split", "skipped", "short-split",
+         "no-protocol-count"],
 )
 def test_provenance_facts(overrides, images, skipped, random_weights, reasons):
     cfg = {"backbone": {"pretrained": "openai"}, "max_images": None, "dataset": {"expected_images": 1449}}
@@ -69,6 +71,21 @@ def test_provenance_facts(overrides, images, skipped, random_weights, reasons):
     assert facts["random_weights"] is random_weights
     assert facts["partial_reasons"] == reasons and facts["partial"] is bool(reasons)
     assert (facts["dataset_images"], facts["num_skipped"]) == (images, skipped)
+
+
+@pytest.mark.parametrize(
+    ("config_part", "skipped", "expected"),
+    [
+        ({"backbone": {"pretrained": "openai"}, "max_images": None}, [], []),
+        ({"backbone": {"pretrained": "openai"}, "max_images": None}, [{"path": "a.jpg", "error": "bad"}], ["partial"]),
+        ({"backbone": {"pretrained": "openai"}, "max_images": 20}, [], ["partial"]),
+        ({"backbone": {"pretrained": None}, "max_images": None}, [], ["random-weights"]),
+    ],
+    ids=["full", "skipped-samples", "max-images", "random"],
+)
+def test_caveats_of_results_written_before_provenance(config_part, skipped, expected):
+    """A result.json from before the provenance block is judged from its config and its skipped list."""
+    assert caveats({"miou": 1.0, "config": config_part, "skipped": skipped}) == expected
 
 
 def test_run_tags_name_caveats_and_method_choices():

@@ -425,6 +425,30 @@ def test_summary_counts_and_exit_code(tmp_path):
     assert summarize([JobOutcome(tmp_path / "a", "finished", "mIoU 1.00")])[1] == 0
 
 
+@pytest.mark.parametrize(
+    ("statuses", "code"),
+    [(["finished", "failed"], 1), (["failed"], 1), (["skipped", "skipped"], 0), (["finished", "skipped"], 0)],
+    ids=["failed-none-skipped", "only-failed", "all-reused", "finished-and-reused"],
+)
+def test_sweep_exit_code_is_one_exactly_when_a_job_failed(tmp_path, statuses, code):
+    outcomes = [JobOutcome(tmp_path / str(i), status, "detail") for i, status in enumerate(statuses)]
+    assert summarize(outcomes, tmp_path)[1] == code
+
+
+def test_collect_lists_only_the_jobs_of_one_sweep(tmp_path, monkeypatch):
+    """A sweep folder reused across sweeps holds older status files: the summary of a sweep counts only its own."""
+    monkeypatch.setenv("NACLIP_SWEEP_ID", "old")
+    record_failure(tmp_path / "stale", "an older sweep's failure")
+    monkeypatch.setenv("NACLIP_SWEEP_ID", "new")
+    record_success(tmp_path / "a", 10.0)
+    record_success(tmp_path / "b", 20.0, skipped=True)
+    monkeypatch.delenv("NACLIP_SWEEP_ID")
+    record_success(tmp_path / "plain", 30.0)  # a single run, no sweep
+    assert [(o.folder.name, o.status) for o in collect(tmp_path, "new")] == [("a", "finished"), ("b", "skipped")]
+    assert [o.folder.name for o in collect(tmp_path, "old")] == ["stale"]
+    assert len(collect(tmp_path)) == 4
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("launcher", ["basic", "submitit_local"])
 def test_sweep_goes_on_past_a_failed_job_and_summarizes(tmp_path, launcher):

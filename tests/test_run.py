@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import resource
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -181,28 +183,80 @@ def test_changed_config_is_not_skipped(tmp_path):
     assert stored()["config"]["attention"]["name"] == "kk_sim" and stored()["choices"]["attention"] == "kk_sim"
 
 
-def test_failed_result_write_keeps_the_previous_result(tmp_path):
-    """A write that fails halfway (a real EFBIG: file-size limit below the result's size) leaves the finished
-    result.json byte for byte and no partial file beside it."""
+def test_failed_result_write_keeps_the_previous_result(tmp_path, monkeypatch):
+    """A result write that fails halfway (a real EFBIG: the file-size limit is lowered below the result's size for
+    the write alone, so the evaluation and pytest's own output are untouched) leaves the finished result.json
+    byte for byte and no temporary file beside it; the new result is whole in the fallback file the error names,
+    and the same write without the limit replaces result.json."""
+    from naclip import results
+
     out = tmp_path / "job"
     out.mkdir()
     previous = {"miou": 12.5, "per_class_iou": {f"class {i}": 12.5 for i in range(20)}, "config": {}}
     (out / "result.json").write_text(json.dumps(previous, indent=2))
     before = (out / "result.json").read_bytes()
     files = sorted(p.name for p in out.iterdir())
-    limit = 256  # bytes: below both the previous and the new result; no text cache, so nothing else is written
+    (tmp_path / "fallback").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "fallback"))  # where the fallback file goes
+    limit = 256  # bytes: below both the previous and the new result
     assert len(before) > limit
-    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
-    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails with EFBIG instead of a signal
-    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
-    try:
-        with pytest.raises((OSError, SystemExit)):
-            run_in_process([*SMOKE, "max_images=1", "text_cache_dir=null", "force=true"], out)
-    finally:
-        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
-        signal.signal(signal.SIGXFSZ, handler)
+    write = results.write_json_atomic
+    attempts: list[tuple[Path, str]] = []
+
+    def write_under_limit(path: Path, payload: dict) -> Path:
+        soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+        handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails with EFBIG instead of a signal
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
+        try:
+            return write(path, payload)
+        except OSError as err:
+            attempts.append((path, os.strerror(err.errno or 0)))
+            raise
+        finally:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+            signal.signal(signal.SIGXFSZ, handler)
+
+    monkeypatch.setattr(results, "write_json_atomic", write_under_limit)
+    overrides = [*SMOKE, "max_images=1", "force=true"]
+    with pytest.raises(results.ResultWriteError, match=r"result\.json") as failed:
+        run_in_process(overrides, out)
+    assert attempts == [(out / "result.json", os.strerror(errno.EFBIG))]  # the write itself hit the limit
     assert (out / "result.json").read_bytes() == before
     assert sorted(p.name for p in out.iterdir()) == files
+    (fallback,) = (tmp_path / "fallback").glob("naclip-result-*.json")
+    assert str(fallback) in str(failed.value) and json.loads(fallback.read_text())["num_images"] == 1
+
+    monkeypatch.setattr(results, "write_json_atomic", write)
+    result = run_in_process(overrides, out)
+    assert json.loads((out / "result.json").read_text())["finished_at"] == result["finished_at"]
+    assert sorted(p.name for p in out.iterdir()) == files
+
+
+# A 3×4 scene of class probabilities (background, A, B, C) per pixel; argmax areas: bg 3, A 6, B 1, C 2.
+WEAK_A, B_TOP = (0.2, 0.31, 0.25, 0.24), (0.05, 0.15, 0.5, 0.3)
+BG, A, C = (0.5, 0.2, 0.15, 0.15), (0.2, 0.5, 0.1, 0.2), (0.2, 0.3, 0.0, 0.5)
+SCENE = [[BG, BG, A, A], [WEAK_A, A, A, B_TOP], [C, C, BG, A]]
+
+
+def test_protocol_values_reach_the_runners_segmenter(b32):
+    """Each dataset-group protocol value reaches the segmenter the runner builds, each with its own value: the
+    slide windows in its logits (against the plain slide formulation), logit_scale, area_thd and prob_thd in its
+    labels (against the hand-worked scene)."""
+    protocol = {"slide_crop": 64, "slide_stride": 40, "logit_scale": 25.0, "area_thd": 0.15, "prob_thd": 0.32,
+                "pad_crops": True}  # fmt: skip
+    cfg = compose_run([*SMOKE, *(f"dataset.{key}={value}" for key, value in protocol.items())])
+    seg = config.build_segmenter(cfg, [["background"], ["cat"], ["dog"], ["bird"]], cfg.dataset, "cpu", model=b32)[0]
+    x = torch.randn(1, 3, 50, 112, generator=torch.Generator().manual_seed(0))  # 50 rows: padded to 64 (B/32)
+    want = ref.padded_slide_logits(b32, seg.classifier, x[0], 64, 40, 32)  # full attention, σ 5, reduced: SMOKE's
+    torch.testing.assert_close(seg.logits(x)[0], want, atol=1e-5, rtol=1e-4)
+
+    # logits whose softmax at logit_scale 25 is the scene. area_thd 0.15 × 9 foreground pixels = 1.35: B (1 pixel)
+    # is suppressed, its pixel falls to C (0.3), below prob_thd 0.32 → background; so does the weak A pixel (0.31).
+    # (area_thd 0.32 would also suppress C; logit_scale 40 would lift the weak A pixel to 0.35.)
+    probs = torch.tensor(SCENE).permute(2, 0, 1)  # (4, 3, 4)
+    seg.logits_list = lambda images: [torch.log(probs.clamp_min(1e-12)) / 25.0]
+    labels = seg.predict_list([torch.zeros(3, 3, 4)])[0]
+    assert labels.tolist() == [[0, 0, 1, 1], [0, 1, 1, 0], [3, 3, 0, 1]]
 
 
 def test_refine_pamr_reaches_the_segmenter():

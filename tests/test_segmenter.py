@@ -131,6 +131,18 @@ def test_slide_logits_equal_plain_per_crop_loop(b16, seg, size):
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("size", [(24, 40), (21, 27), (40, 53)], ids=["thin", "thin-odd-margins", "whole-patches"])
+def test_padded_crops_equal_clearclips_formulation(b16, make, size):
+    """pad_crops: a window thinner than whole patches is padded with zeros around its centre, its logits cut back
+    out (ClearCLIP); windows of whole patches (40×53 with 32-pixel crops) are left as they are."""
+    (x,) = images(size)
+    got = make(pad_crops=True).logits(x)[0]
+    want = ref.padded_slide_logits(b16, text_classifier(b16, QUERIES, TEMPLATES), x[0], CROP, STRIDE, 16)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    stretched = make().logits(x)[0]
+    assert ((got - stretched).abs().max() > 1e-3) == (size != (40, 53))
+
+
 def test_whole_image_mode_is_upsampled_patch_logits(b16, make):
     seg = make(slide_crop=0)
     (x,) = images((50, 71))

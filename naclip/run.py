@@ -191,28 +191,34 @@ def evaluate(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     segmenter, mean, std = config.build_segmenter(cfg, dataset.class_names, cfg.dataset, device, timings)
     metric = IoUMetric(dataset.num_classes, ignore_index=dataset.ignore_index, device=device)
     samples: list[Sample] = []
-    stats = run_pass(cfg, shard, finite_predict(segmenter, cfg.attention.name), [metric], [samples], mean, std,
+    stats = run_pass(cfg, shard, finite_predict(segmenter, head_label(cfg)), [metric], [samples], mean, std,
                      device, rank)
     scores = {**job_scores(metric, stats, device), **timings}
     require_scored(scores, dataset)
     return write_result(cfg, out_dir, scores, samples, dataset, rank, world)
 
 
-def require_finite(logits: list[torch.Tensor], attention: str) -> None:
+def head_label(cfg: DictConfig) -> str:
+    """What computes a job's own logits, for messages: its registered method, else its last-block attention."""
+    method = config.method_spec(cfg)[0]
+    return f"method {method!r}" if method is not None else f"attention {cfg.attention.name!r}"
+
+
+def require_finite(logits: list[torch.Tensor], head: str) -> None:
     """Stop a job whose logits of this batch hold NaN or inf: one reduction per image, one sync per batch."""
     if logits and not bool(torch.stack([torch.isfinite(lg).all() for lg in logits]).all()):
         raise NonFiniteLogitsError(
-            f"attention {attention!r} produced non-finite logits (NaN or inf); no result written"
+            f"{head} produced non-finite logits (NaN or inf); no result written"
         )
 
 
-def finite_predict(segmenter: Any, attention: str) -> Predict:
+def finite_predict(segmenter: Any, head: str) -> Predict:
     """One job's label maps, its logits checked finite first (NaN logits still give plausible labels)."""
 
     @torch.no_grad()
     def predict(images: list[torch.Tensor], sizes: list[tuple[int, int]]) -> list[list[torch.Tensor]]:
         logits = segmenter.logits_list(images)
-        require_finite(logits, attention)
+        require_finite(logits, head)
         return [segmenter.predict_from_logits(images, logits, sizes)]
 
     return predict

@@ -123,9 +123,9 @@ def evaluate_group(cfgs: Sequence[DictConfig]) -> GroupRun:
         fused = FusedSegmenter(variants)
         metrics = [IoUMetric(dataset.num_classes, ignore_index=dataset.ignore_index, device=device) for _ in live]
         log.info("one pass over %d images for %d jobs", len(shard), len(live))
-        attentions = [cfg.attention.name for cfg, o in zip(cfgs, outcomes, strict=True) if o.error is None]
+        heads = [run.head_label(cfg) for cfg, o in zip(cfgs, outcomes, strict=True) if o.error is None]
         try:
-            stats = run.run_pass(lead, shard, _finite_fused_predict(fused, attentions), metrics,
+            stats = run.run_pass(lead, shard, _finite_fused_predict(fused, heads), metrics,
                                  [o.samples for o in live], mean, std, device, rank)
         except (DatasetError, run.NoImagesError):
             raise  # the data fails every job alike
@@ -142,15 +142,15 @@ def evaluate_group(cfgs: Sequence[DictConfig]) -> GroupRun:
     return GroupRun(outcomes, dataset, rank, world)
 
 
-def _finite_fused_predict(fused: FusedSegmenter, attentions: Sequence[str]) -> run.Predict:
+def _finite_fused_predict(fused: FusedSegmenter, heads: Sequence[str]) -> run.Predict:
     """Every job's label maps from one shared pass, each job's logits checked finite (see run.finite_predict)."""
 
     @torch.no_grad()
     def predict(images: list[torch.Tensor], sizes: list[tuple[int, int]]) -> list[list[torch.Tensor]]:
         logits = fused.logits_list(images)
         labels = []
-        for v, (variant, attention) in enumerate(zip(fused.variants, attentions, strict=True)):
-            run.require_finite(logits[v], attention)
+        for v, (variant, head) in enumerate(zip(fused.variants, heads, strict=True)):
+            run.require_finite(logits[v], head)
             labels.append(variant.predict_from_logits(images, logits[v], sizes))
             logits[v] = []  # this job's full-size logits are no longer needed
         return labels

@@ -220,6 +220,25 @@ def test_non_finite_logits_stop_the_job_naming_the_attention(tmp_path, run_env, 
     assert not (tmp_path / "job" / "result.json").exists()
 
 
+def test_non_finite_logits_of_a_registered_method_name_the_method(tmp_path, run_env, monkeypatch):
+    from naclip import methods
+    from naclip.methods import Method
+    from naclip.run import NonFiniteLogitsError, evaluate
+
+    class NaNMethod(Method):
+        def features(self, state):
+            feats = self.encoder.head(state.x, state.grid)
+            return feats * float("nan")
+
+    monkeypatch.setattr(methods, "METHODS", dict(methods.METHODS))
+    methods.register_method("i18_nan_method", NaNMethod)
+    cfg, _ = _task_cfg(SMOKE)
+    cfg.method = "i18_nan_method"
+    with pytest.raises(NonFiniteLogitsError, match=r"method 'i18_nan_method' produced non-finite logits"):
+        evaluate(cfg, tmp_path / "job")
+    assert not (tmp_path / "job" / "result.json").exists()
+
+
 @pytest.mark.parametrize(
     ("name", "message"),
     [

@@ -94,12 +94,12 @@ class CASSOptions:
     sigma: float = 5.0
     scale_factor: float = 10.0
     k_eigen: int = 20
-    energy_threshold: float = 0.95
     scale_singular_values: bool = True
     global_semantics_weight: float = 0.0
     mean_vector_weight: float = 0.0
     h_threshold: float = 0.0
     whole_image_semantics: bool = True
+    proxy_size: int | None = None  # the proxy's square input side (518 for DINOv2 as the authors); null = crop's
 
 
 @dataclass

@@ -113,7 +113,8 @@ def load_proxy(
         kwargs = {"pretrained": True, "pretrained_cfg_overlay": {"file": file}}
     elif tag is not None:
         if full not in timm.list_pretrained(full):
-            raise ValueError(f"proxy.pretrained: timm has no weights {full!r}; tags: {timm.list_pretrained(arch + '*')}")
+            tags = timm.list_pretrained(arch + ".*")
+            raise ValueError(f"proxy.pretrained: timm has no weights {full!r}; available: {tags}")
         hub_id = timm.models.get_pretrained_cfg(full).hf_hub_id
         cached = _cached_timm_file(hub_id) if hub_id else None
         if cached is None:

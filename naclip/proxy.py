@@ -24,13 +24,13 @@ from naclip.clip import WeightsUnavailableError, _reachable
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-# name → (timm architecture, timm pretrained tag): the proxies the published methods use, and DINOv3.
-PROXIES: dict[str, tuple[str, str]] = {
-    "dino_b16": ("vit_base_patch16_224", "dino"),
-    "dino_b8": ("vit_base_patch8_224", "dino"),
-    "dinov2_b14": ("vit_base_patch14_dinov2", "lvd142m"),
-    "dinov2_b14_reg": ("vit_base_patch14_reg4_dinov2", "lvd142m"),
-    "dinov3_b16": ("vit_base_patch16_dinov3", "lvd1689m"),
+# name → timm model: the proxies the published methods use, and DINOv3 (conf/proxy/<name>.yaml).
+PROXIES: dict[str, str] = {
+    "dino_b16": "vit_base_patch16_224.dino",
+    "dino_b8": "vit_base_patch8_224.dino",
+    "dinov2_b14": "vit_base_patch14_dinov2.lvd142m",
+    "dinov2_b14_reg": "vit_base_patch14_reg4_dinov2.lvd142m",
+    "dinov3_b16": "vit_base_patch16_dinov3.lvd1689m",
 }
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
@@ -61,19 +61,14 @@ class ProxyOutput:
     grid: tuple[int, int]
 
 
-def _split_name(model: str, pretrained: str | None) -> tuple[str, str | None, str | None]:
-    """(architecture, timm tag or None, local file or None) of a proxy.model / proxy.pretrained pair."""
-    arch, _, model_tag = model.partition(".")
-    if pretrained is None:
-        return arch, None, None
+def _weights_file(pretrained: str) -> str | None:
+    """The local file a proxy.pretrained value names, or None for a keyword."""
     path = Path(pretrained).expanduser()
-    if os.sep in pretrained or path.suffix in _WEIGHT_SUFFIXES:
-        if not path.is_file():
-            raise ValueError(f"proxy.pretrained: weights file {pretrained!r} does not exist")
-        return arch, model_tag or None, str(path)
-    if model_tag and model_tag != pretrained:
-        raise ValueError(f"proxy.model {model!r} names tag {model_tag!r} but proxy.pretrained is {pretrained!r}")
-    return arch, pretrained, None
+    if os.sep not in pretrained and path.suffix not in _WEIGHT_SUFFIXES:
+        return None
+    if not path.is_file():
+        raise ValueError(f"proxy.pretrained: weights file {pretrained!r} does not exist")
+    return str(path)
 
 
 def _cached_timm_file(hf_hub_id: str) -> str | None:
@@ -92,42 +87,44 @@ def load_proxy(
     """Build a timm ViT as a proxy, eval mode, gradients off.
 
     Args:
-        model: a timm architecture ("vit_base_patch8_224"), optionally with its tag ("vit_base_patch8_224.dino").
-        pretrained: a timm tag of that architecture ("dino"), a local weights file (timm's or the authors'
-            original checkpoint: timm converts it), or None for random weights.
+        model: a timm model name with its pretrained tag ("vit_base_patch8_224.dino"); the tag also chooses the
+            input normalization (timm's config of those weights), even for random weights or a local file.
+        pretrained: "timm" (the tag's weights, downloaded once by timm and cached), a local weights file (timm's
+            or the authors' original checkpoint: timm converts it), or None for random weights.
         device: where the model lives.
         name: the config name, for messages.
 
     Raises:
-        ValueError: unknown architecture or tag, missing file.
-        ProxyWeightsUnavailableError: tag weights not cached and the hub unreachable (fails within seconds).
+        ValueError: unknown model or keyword, missing file.
+        ProxyWeightsUnavailableError: timm weights not cached and the hub unreachable (fails within seconds).
     """
     import timm
 
-    arch, tag, file = _split_name(model, pretrained)
+    arch, _, tag = model.partition(".")
     if not timm.list_models(arch):
-        raise ValueError(f"proxy.model: unknown timm model {arch!r}; e.g. {[a for a, _ in PROXIES.values()]}")
+        raise ValueError(f"proxy.model: unknown timm model {arch!r}; e.g. {[m for m in PROXIES.values()]}")
+    if tag and model not in timm.list_pretrained(model):
+        raise ValueError(f"proxy.model: timm has no tag {tag!r} for {arch}; tags: {timm.list_pretrained(arch + '.*')}")
     kwargs: dict = {"pretrained": False}
-    full = f"{arch}.{tag}" if tag else arch
+    file = None if pretrained is None else _weights_file(pretrained)
     if file is not None:
         kwargs = {"pretrained": True, "pretrained_cfg_overlay": {"file": file}}
-    elif tag is not None:
-        if full not in timm.list_pretrained(full):
-            tags = timm.list_pretrained(arch + ".*")
-            raise ValueError(f"proxy.pretrained: timm has no weights {full!r}; available: {tags}")
-        hub_id = timm.models.get_pretrained_cfg(full).hf_hub_id
+    elif pretrained == "timm":
+        hub_id = timm.models.get_pretrained_cfg(model).hf_hub_id
         cached = _cached_timm_file(hub_id) if hub_id else None
-        if cached is None:
-            if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false"):
-                raise ProxyWeightsUnavailableError(arch, tag, "HF_HUB_OFFLINE is set")
+        if cached is not None:
+            kwargs = {"pretrained": True, "pretrained_cfg_overlay": {"file": cached}}
+        elif os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false"):
+            raise ProxyWeightsUnavailableError(arch, tag, "HF_HUB_OFFLINE is set")
+        else:
             why = _reachable(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
             if why is not None:
                 raise ProxyWeightsUnavailableError(arch, tag, why)
             kwargs = {"pretrained": True}
-        else:
-            kwargs = {"pretrained": True, "pretrained_cfg_overlay": {"file": cached}}
+    elif pretrained is not None:
+        raise ValueError(f"proxy.pretrained must be 'timm', a weights file or null, got {pretrained!r}")
     try:
-        net = timm.create_model(full, num_classes=0, dynamic_img_size=True, **kwargs)
+        net = timm.create_model(model, num_classes=0, dynamic_img_size=True, **kwargs)
     except (RuntimeError, OSError) as err:
         if file is None:
             raise

@@ -223,9 +223,10 @@ def test_cass_query_clusters_cut_the_ward_tree_at_h():
 # ---------------------------------------------------------------- pipeline: batches, fused sweeps
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["proxyclip", "cass"])
 def test_labels_do_not_depend_on_batching(b16, base, method):
-    imgs = images((64, 96), (80, 64))
+    imgs = images((64, 96), (64, 64))
     common = {"slide_crop": 64, "slide_stride": 32, "method": method, "method_options": {"proxy": base}}
     one = Segmenter(b16, NAMES, crop_batch_size=1, **common)
     many = Segmenter(b16, NAMES, crop_batch_size=16, **common)
@@ -237,6 +238,7 @@ def test_labels_do_not_depend_on_batching(b16, base, method):
     assert all((lb[0] == p).all() for lb, p in zip(labels, many.predict_list(imgs), strict=True))
 
 
+@pytest.mark.slow
 def test_fused_variants_equal_alone_and_share_one_proxy_pass(b16, tiny, monkeypatch):
     imgs = images((64, 96))
     variants = [{"beta": 1.2, "gamma": 3.0}, {"beta": 0.8, "gamma": 2.0}]

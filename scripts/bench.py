@@ -718,7 +718,7 @@ def format_report(result: dict[str, Any]) -> str:
     if m is not None:
         lines += [
             "",
-            f"Memory ({m['method']}): {m['model']} segmenting one {m['image_size'][0]}x{m['image_size'][1]} image "
+            f"Memory ({m['measured_by']}): {m['model']} segmenting one {m['image_size'][0]}x{m['image_size'][1]} image "
             f"({m['crops']} crops, {m['classes']} classes) on {m['device']}",
             f"  after loading: {m['baseline_mb']:.0f} MiB   peak: {m['peak_mb']:.0f} MiB   "
             f"peak - baseline: {m['delta_mb']:.0f} MiB",

@@ -341,3 +341,19 @@ def test_local_weights_file_loads(tmp_path, tiny):
     save_file({k: v.contiguous() for k, v in tiny.model.state_dict().items()}, str(path))
     loaded = load_proxy("vit_small_patch16_224.dino", str(path))
     torch.testing.assert_close(loaded.model.pos_embed, tiny.model.pos_embed, rtol=0, atol=0)
+
+
+def test_method_attention_maps_draw_the_proxy_guided_attention(b32, tiny):
+    from naclip.viz import method_attention_maps
+
+    image = images((64, 64))[0]
+    seg = Segmenter(b32, NAMES, method="proxyclip", method_options={"proxy": tiny}, slide_crop=0)
+    maps = method_attention_maps(seg, image, [(0, 0), (3, 2)])
+    assert maps.shape == (2, 4, 4)  # the proxy's grid (patch 16 on 64 px), not CLIP's 2x2
+    torch.testing.assert_close(maps.sum(dim=(1, 2)), torch.ones(2))
+    with torch.no_grad():
+        feats = tiny(tiny.normalize(clip_to_pixels(image[None], OPENAI_MEAN, OPENAI_STD))).features
+    want = reference_proxy_attention(feats.double().numpy(), 1.2, 3.0)[0]
+    np.testing.assert_allclose(maps[1].flatten().numpy(), want[3 * 4 + 2], rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="outside"):
+        method_attention_maps(seg, image, [(4, 0)])

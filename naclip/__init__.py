@@ -27,6 +27,7 @@ _EXPORTS = {
     "list_methods": "naclip.methods",
     "register_method": "naclip.methods",
     "PAMR": "naclip.pamr",
+    "list_proxies": "naclip.proxy",
     "Predictor": "naclip.predictor",
     "Segmenter": "naclip.segmenter",
     "slide_windows": "naclip.segmenter",

@@ -71,6 +71,38 @@ class ArchConfig:
 
 
 @dataclass
+class ProxyConfig:
+    """A second vision model (timm) for ProxyCLIP and CASS; name "none" (model null) = no proxy."""
+
+    name: str = "none"
+    model: str | None = None
+    pretrained: str | None = None
+
+
+@dataclass
+class ProxyCLIPOptions:
+    """method=proxyclip: shift and scale of the proxy similarity (naclip.methods.proxyclip)."""
+
+    beta: float = 1.2
+    gamma: float = 3.0
+
+
+@dataclass
+class CASSOptions:
+    """method=cass: options of naclip.methods.cass (the authors' per-dataset values in conf/protocol/cass_*)."""
+
+    sigma: float = 5.0
+    scale_factor: float = 10.0
+    k_eigen: int = 20
+    scale_singular_values: bool = True
+    global_semantics_weight: float = 0.0
+    mean_vector_weight: float = 0.0
+    h_threshold: float = 0.0
+    whole_image_semantics: bool = True
+    proxy_size: int | None = None  # the proxy's square input side (518 for DINOv2 as the authors); null = crop's
+
+
+@dataclass
 class RefineConfig:
     name: str = "none"
     steps: int = 10
@@ -127,6 +159,9 @@ class MethodConfig:
     attention: AttentionConfig = MISSING
     arch: ArchConfig = MISSING
     refine: RefineConfig = MISSING
+    proxy: ProxyConfig = field(default_factory=ProxyConfig)
+    proxyclip: ProxyCLIPOptions = field(default_factory=ProxyCLIPOptions)
+    cass: CASSOptions = field(default_factory=CASSOptions)
     plugins: list[str] = field(default_factory=list)  # modules imported before validation (register_attention)
 
 
@@ -236,6 +271,18 @@ def load_backbone(cfg: Any, device: str, timings: dict[str, float] | None = None
     return model
 
 
+def load_proxy(cfg: Any, device: str) -> Any:
+    """The proxy model of a run or predict config (see naclip.proxy), or None when `proxy.model` is null."""
+    from naclip.proxy import load_proxy as build
+
+    proxy = cfg.get("proxy")
+    if proxy is None or proxy.model is None:
+        return None
+    weights = "random weights" if proxy.pretrained is None else f"weights {proxy.pretrained}"
+    log.info("loading proxy %s (%s, %s) on %s", proxy.name, proxy.model, weights, device)
+    return build(proxy.model, proxy.pretrained, device, name=proxy.name)
+
+
 def method_spec(cfg: Any) -> tuple[str | None, dict[str, Any]]:
     """The registered method a config selects and its options (the top-level node named after it, e.g.
     ``resclip.base``, or ``method_options`` for a plug-in method the schema has no node for); (None, {}) for the
@@ -265,13 +312,15 @@ def build_segmenter(
     device: str,
     timings: dict[str, float] | None = None,
     model: Any = None,
+    proxy: Any = None,
 ) -> tuple[Any, tuple, tuple]:
     """The model and segmenter a run or predict config describes: (segmenter on device, mean, std).
 
     `protocol` holds slide_crop, slide_stride, pad_crops, logit_scale, prob_thd and area_thd (the dataset group,
     or predict's top level). `timings`, when given, receives `seconds_model_load` and `seconds_text_classifier`
     (both steps take seconds to minutes, so they are logged and reported apart from the evaluation time).
-    `model`: the backbone already loaded (fused sweeps build many segmenters on one model); None loads it.
+    `model`: the backbone already loaded (fused sweeps build many segmenters on one model); None loads it. `proxy`: the
+    proxy model already loaded (likewise); None loads the one `proxy` names, if any.
     """
     from naclip.clip import image_mean_std
     from naclip.segmenter import Segmenter
@@ -283,6 +332,8 @@ def build_segmenter(
     log.info("building the text classifier for %d classes", len(class_names))
     loaded = time.perf_counter()
     method, options = method_spec(cfg)
+    if method is not None and cfg.get("proxy") is not None and cfg.proxy.model is not None:
+        options["proxy"] = proxy if proxy is not None else load_proxy(cfg, device)
     segmenter = Segmenter(
         model,
         class_names,
@@ -436,6 +487,12 @@ def validate(cfg: Any) -> None:
         raise ValueError(f"attention.sigma must be a positive number for attention={cfg.attention.name}, got {sigma}")
     if cfg.backbone.precision not in PRECISIONS:
         raise ValueError(f"unknown backbone.precision {cfg.backbone.precision!r}; valid: {list(PRECISIONS)}")
+    proxy = cfg.get("proxy")
+    if proxy is not None and proxy.model is not None:
+        from naclip.proxy import uses_proxy
+
+        if not uses_proxy(method_spec(cfg)[0]):
+            raise ValueError(f"proxy={proxy.name} is used only by methods with a second vision model (proxyclip, cass)")
     if cfg.refine.name not in ("none", "pamr"):
         raise ValueError(f"unknown refine {cfg.refine.name!r}; valid choices: ['none', 'pamr']")
     protocol = cfg.dataset if "dataset" in cfg else cfg

@@ -98,7 +98,7 @@ class FusedSegmenter(nn.Module):
             LogitsAccumulator(images, owners, len(v.query_names), first.padded_patch) for v in self.variants
         ]
         for chunk in first.chunks(crops):
-            state = first.trunk(torch.stack([crops[i] for i in chunk]), taps)
+            state = first.trunk(torch.stack([crops[i] for i in chunk]), taps, [images[owners[i][0]] for i in chunk])
             for variant, accumulator in zip(self.variants, accumulators, strict=True):
                 for i, lg in zip(chunk, variant.head(state), strict=True):
                     accumulator.add(i, lg)

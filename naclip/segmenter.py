@@ -171,21 +171,26 @@ class Segmenter(nn.Module):
         """What this segmenter's method needs from the trunk pass."""
         return self.method.taps
 
-    def trunk(self, crops: Tensor, taps: Taps | None = None) -> TrunkState:
-        """The part every variant of one backbone shares: embedding and blocks 1..L-1, with the taps asked for."""
+    def trunk(self, crops: Tensor, taps: Taps | None = None, wholes: Sequence[Tensor] | None = None) -> TrunkState:
+        """The part every variant of one backbone shares: embedding and blocks 1..L-1, with the taps asked for.
+
+        ``wholes``: the whole image each crop was cut from, for methods with image-level terms (CASS); they
+        find it as ``state.cache["wholes"]``.
+        """
         x, grid = self.encoder.embed(crops)
         taps = self.taps if taps is None else taps
         tapped: dict[str, dict[int, Any]] = {"inputs": {}, "qkv": {}}
         x = self.encoder.run_blocks(x, taps=taps, state=tapped)
-        return TrunkState(x, grid, crops, tapped["inputs"], tapped["qkv"])
+        cache: dict[str, Any] = {} if wholes is None else {"wholes": list(wholes)}
+        return TrunkState(x, grid, crops, tapped["inputs"], tapped["qkv"], cache)
 
     def head(self, state: TrunkState) -> Tensor:
         """This variant's part: the method on the trunk's state, cosine logits (n, Q, rows, cols)."""
         return self.method.logits(state, self.classifier)
 
-    def patch_logits(self, crops: Tensor) -> Tensor:
-        """Cosine logits (n, Q, rows, cols) on the crops' patch grid."""
-        return self.head(self.trunk(crops))
+    def patch_logits(self, crops: Tensor, wholes: Sequence[Tensor] | None = None) -> Tensor:
+        """Cosine logits (n, Q, rows, cols) on the crops' patch grid (``wholes``: see :meth:`trunk`)."""
+        return self.head(self.trunk(crops, wholes=wholes))
 
     def crops(self, images: Sequence[Tensor]) -> tuple[list[Tensor], list[tuple[int, Window | None]]]:
         """Every crop the encoder sees and its (image index, window); window None = the whole image."""
@@ -208,13 +213,14 @@ class Segmenter(nn.Module):
             for start in range(0, len(indices), self.crop_batch_size):
                 yield indices[start : start + self.crop_batch_size]
 
-    def _encode_grouped(self, crops: list[Tensor]) -> Iterator[tuple[int, Tensor]]:
-        """(index, patch-grid logits) of many crops, one chunk per encoder forward.
+    def _encode_grouped(self, crops: list[Tensor], wholes: Sequence[Tensor]) -> Iterator[tuple[int, Tensor]]:
+        """(index, patch-grid logits) of many crops, one chunk per encoder forward; wholes[i]: crop i's image.
 
         Yielded chunk by chunk so that only patch-resolution logits of one chunk are alive at a time.
         """
         for chunk in self.chunks(crops):
-            yield from zip(chunk, self.patch_logits(torch.stack([crops[i] for i in chunk])), strict=True)
+            logits = self.patch_logits(torch.stack([crops[i] for i in chunk]), [wholes[i] for i in chunk])
+            yield from zip(chunk, logits, strict=True)
 
     @property
     def padded_patch(self) -> tuple[int, int] | None:
@@ -228,7 +234,7 @@ class Segmenter(nn.Module):
             check_images(image[None], self.encoder.patch_size)
         crops, owners = self.crops(images)
         accumulator = LogitsAccumulator(images, owners, len(self.query_names), self.padded_patch)
-        for i, lg in self._encode_grouped(crops):
+        for i, lg in self._encode_grouped(crops, [images[idx] for idx, _ in owners]):
             accumulator.add(i, lg)
         return accumulator.result()
 

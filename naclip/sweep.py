@@ -37,7 +37,7 @@ log = logging.getLogger("naclip.sweep")
 # Config keys that only change a job's own head and post-processing: jobs differing only there share a pass.
 HEAD_KEYS = (
     "method", "attention", "arch", "refine", "dataset.prob_thd", "dataset.area_thd", "dataset.logit_scale",
-    "dataset.protocol", "resclip", "scclip", "gem", "clip_surgery", "method_options",  # a method's own options
+    "dataset.protocol", "resclip", "scclip", "gem", "clip_surgery", "proxyclip", "cass", "method_options",
 )
 # Per-job bookkeeping that changes neither the shared pass nor the numbers.
 JOB_KEYS = ("logger", "force", "experiment_name", "output_root", "text_cache_dir", "log_every")
@@ -106,13 +106,14 @@ def evaluate_group(cfgs: Sequence[DictConfig]) -> GroupRun:
     dataset, shard = run.load_shard(lead, rank, world)
     shared: dict[str, float] = {}
     model = config.load_backbone(lead, device, shared)
+    proxy = config.load_proxy(lead, device)  # the proxy, like the backbone, is part of the group key: loaded once
     outcomes = [JobOutcome() for _ in cfgs]
     variants, live, mean, std = [], [], (), ()
     for outcome, cfg in zip(outcomes, cfgs, strict=True):
         outcome.timings = dict(shared)
         try:
             segmenter, mean, std = config.build_segmenter(
-                cfg, dataset.class_names, cfg.dataset, device, outcome.timings, model=model
+                cfg, dataset.class_names, cfg.dataset, device, outcome.timings, model=model, proxy=proxy
             )
         except run.KNOWN_ERRORS as err:
             outcome.error = err

@@ -137,6 +137,30 @@ def attention_maps(
     return maps
 
 
+@torch.no_grad()
+def method_attention_maps(segmenter: nn.Module, image: Tensor, patches: Sequence[Patch]) -> Tensor:
+    """Where chosen patches look in a method's own last-block attention (ProxyCLIP's proxy-guided attention on
+    the proxy's grid, CASS's distilled attention on CLIP's grid): (len(patches), rows, cols), head-averaged.
+
+    Args:
+        segmenter: a :class:`naclip.Segmenter` whose method has ``attention(state)`` (proxyclip, cass).
+        image: CLIP-normalized float image (3, H, W) or (1, 3, H, W).
+        patches: (row, col) positions of the query patches on the grid the attention lives on.
+    """
+    method = segmenter.method
+    if not hasattr(method, "attention"):
+        raise ValueError(f"method {type(method).__name__} exposes no attention(state); use attention_maps")
+    image = image[None] if image.ndim == 3 else image
+    state = segmenter.trunk(image.to(segmenter.classifier.device), wholes=list(image))
+    out = method.attention(state)
+    attn, (rows, cols) = out if isinstance(out, tuple) else (out[0].float().mean(dim=0)[None], state.grid)
+    bad = [p for p in patches if not (0 <= p[0] < rows and 0 <= p[1] < cols)]
+    if bad:
+        raise ValueError(f"patches {bad} lie outside the {rows}x{cols} attention grid")
+    queries = torch.tensor([r * cols + c for r, c in patches], device=attn.device)
+    return attn[0, queries].float().reshape(len(patches), rows, cols).cpu()
+
+
 def _as_hwc(image: ArrayLike | Image.Image) -> np.ndarray:
     """uint8 image as (H, W, 3): accepts HWC arrays, CHW arrays/tensors and PIL images."""
     if isinstance(image, Image.Image):

@@ -24,6 +24,11 @@ Sections (all timed under ``torch.inference_mode`` with torch's default thread c
    with ``hydra/launcher=fused_submitit_local`` (the group as one submitit job, as ``fused_slurm`` submits it):
    its wall time against the basic launcher's and whether it wrote the same mIoU and IoUs.
 
+9. proxy (``--proxy-only``): CLIP ViT-B/16 with a proxy (``--proxy``, default dino_b8; random proxy weights
+   unless ``--proxy-pretrained``): time per 336² crop of ProxyCLIP and CASS vs CLIP alone (NACLIP's head), and
+   the peak memory of each segmenting one 560×1120 image (slide 336/112; --quick: 224² crops of a 224×448
+   image), each in a fresh subprocess.
+
 Half precision (``--precision fp16`` / ``bf16``) runs on the CPU as well as on a GPU.
 
 Every timed function gets warm-up calls, then all functions of a section run once per round, the order
@@ -34,6 +39,7 @@ Example:
     python scripts/bench.py --models ViT-B-16 ViT-B-32 --repeats 10 --out bench.json
     python scripts/bench.py --quick --memory --out /tmp/bench.json
     python scripts/bench.py --sweep-only --out sweep.json
+    python scripts/bench.py --proxy-only --device cuda --precision fp16 --out proxy.json
 """
 
 from __future__ import annotations
@@ -66,6 +72,7 @@ from naclip import attention as attention_module
 from naclip.clip import PRECISIONS, WeightsUnavailableError
 from naclip.data.transforms import read_rgb, rescaled_size, resize_image
 from naclip.methods import list_methods
+from naclip.proxy import PROXIES, load_proxy
 from naclip.text import OPENAI_TEMPLATES, encode_text_trimmed, get_tokenizer, text_classifier
 
 ENCODER_TARGET = 1.10  # NACLIP encoder time / open_clip encode_image time
@@ -93,6 +100,9 @@ FULL = {
     "sweep_images": 16,
     "sweep_image": (375, 500),  # VOC-sized; voc21's protocol resizes it to 336×448 and segments it whole
     "sweep_short_side": None,  # voc21's own
+    "proxy_crop": 336,  # ProxyCLIP's protocol
+    "proxy_crops": 4,
+    "proxy_memory_image": (560, 1120),
 }
 QUICK = {
     "models": ["ViT-B-32"],
@@ -110,6 +120,9 @@ QUICK = {
     "sweep_images": 2,
     "sweep_image": (60, 80),
     "sweep_short_side": 64,
+    "proxy_crop": 224,
+    "proxy_crops": 2,
+    "proxy_memory_image": (224, 448),
 }
 SIGMAS = "1,2,3,4,5,6,7,8,9,10"
 SWEEP_FUSED_TARGET = {"sigma": 0.35, "attentions": 0.5}  # fused wall time / basic wall time
@@ -481,15 +494,26 @@ def memory_child(spec: dict[str, Any]) -> dict[str, Any]:
     device = torch.device(spec["device"])
     model = load_clip(spec["model"], spec["pretrained"], device=device, precision=spec["precision"])
     tokenizer = get_tokenizer(spec["model"], random_weights=spec["pretrained"] is None)
+    crop, stride = spec.get("crop", CROP), spec.get("stride", STRIDE)
+    method, options = spec.get("method"), {}
+    if spec.get("proxy"):
+        options["proxy"] = load_proxy(PROXIES[spec["proxy"]], spec.get("proxy_pretrained"), device)
     segmenter = Segmenter(
-        model, class_names("cityscapes"), slide_crop=CROP, slide_stride=STRIDE, tokenizer=tokenizer
+        model,
+        class_names("cityscapes"),
+        slide_crop=crop,
+        slide_stride=stride,
+        method=method,
+        method_options=options,
+        tokenizer=tokenizer,
     ).to(device)
     height, width = spec["image"]
     image = torch.randn(1, 3, height, width, device=device)
-    crops = len(slide_windows(height, width, CROP, STRIDE))
+    crops = len(slide_windows(height, width, crop, stride))
     gc.collect()
     out: dict[str, Any] = {
         "model": spec["model"],
+        "method": method or "naclip",
         "image_size": [height, width],
         "crops": crops,
         "classes": segmenter.num_classes,
@@ -507,7 +531,7 @@ def memory_child(spec: dict[str, Any]) -> dict[str, Any]:
         mib = 1024 * 1024
         return {
             **out,
-            "method": "torch.cuda.max_memory_allocated",
+            "measured_by": "torch.cuda.max_memory_allocated",
             "baseline_mb": base / mib,
             "peak_mb": peak / mib,
             "delta_mb": (peak - base) / mib,
@@ -519,7 +543,7 @@ def memory_child(spec: dict[str, Any]) -> dict[str, Any]:
         peak_kib = _status_kib("VmHWM") or 0
         return {
             **out,
-            "method": "VmHWM after resetting it (clear_refs)",
+            "measured_by": "VmHWM after resetting it (clear_refs)",
             "baseline_mb": base_kib / 1024,
             "peak_mb": peak_kib / 1024,
             "delta_mb": (peak_kib - base_kib) / 1024,
@@ -530,7 +554,7 @@ def memory_child(spec: dict[str, Any]) -> dict[str, Any]:
     after = _maxrss_mib()
     return {
         **out,
-        "method": "ru_maxrss delta (a lower bound when loading peaked higher)",
+        "measured_by": "ru_maxrss delta (a lower bound when loading peaked higher)",
         "baseline_mb": before,
         "peak_mb": after,
         "delta_mb": after - before,
@@ -771,7 +795,7 @@ def format_report(result: dict[str, Any]) -> str:
     if m is not None:
         lines += [
             "",
-            f"Memory ({m['method']}): {m['model']} segmenting one {m['image_size'][0]}x{m['image_size'][1]} image "
+            f"Memory ({m['measured_by']}): {m['model']} segmenting one {m['image_size'][0]}x{m['image_size'][1]} image "
             f"({m['crops']} crops, {m['classes']} classes) on {m['device']}",
             f"  after loading: {m['baseline_mb']:.0f} MiB   peak: {m['peak_mb']:.0f} MiB   "
             f"peak - baseline: {m['delta_mb']:.0f} MiB",
@@ -789,6 +813,81 @@ def format_report(result: dict[str, Any]) -> str:
             )
             lines.append(f"  {label:<28} {shown}")
     return "\n".join(lines)
+
+
+PROXY_METHODS = ("proxyclip", "cass")
+
+
+def bench_proxy(args: argparse.Namespace) -> dict[str, Any]:
+    """Time per crop of CLIP + proxy (ProxyCLIP, CASS) vs CLIP alone, and each one's peak memory on one image."""
+    profile, device = args.profile, torch.device(args.device)
+    crop, stride = profile["proxy_crop"], STRIDE
+    sync = make_sync(device)
+    torch.manual_seed(0)
+    model = load_clip("ViT-B-16", args.pretrained, device=device, precision=args.precision)
+    proxy = load_proxy(PROXIES[args.proxy], args.proxy_pretrained, device)
+    names = class_names("cityscapes")
+    segmenters = {"clip alone (naclip)": Segmenter(model, names, slide_crop=crop, slide_stride=stride).to(device)}
+    for method in PROXY_METHODS:
+        segmenters[method] = Segmenter(
+            model, names, slide_crop=crop, slide_stride=stride, method=method, method_options={"proxy": proxy}
+        ).to(device)
+    crops = torch.randn(profile["proxy_crops"], 3, crop, crop, device=device)
+    with torch.inference_mode():
+        times = time_interleaved(
+            {k: (lambda s=s: s.patch_logits(crops)) for k, s in segmenters.items()}, args.repeats, 1, sync
+        )
+    base = times["clip alone (naclip)"]
+    rows = []
+    for name, seconds in times.items():
+        row = {"method": name, **ms_stats("per_crop", [t / len(crops) for t in seconds])}
+        rows.append({**row, **paired_ratio(seconds, base)})
+    del segmenters, model, proxy
+    gc.collect()
+    memory = []
+    for method in (None, *PROXY_METHODS):
+        spec = {
+            "model": "ViT-B-16",
+            "pretrained": args.pretrained,
+            "device": args.device,
+            "precision": args.precision,
+            "image": list(profile["proxy_memory_image"]),
+            "crop": crop,
+            "stride": stride,
+            "method": method,
+            "proxy": args.proxy if method else None,
+            "proxy_pretrained": args.proxy_pretrained,
+        }
+        print(f"[bench] proxy memory {method or 'naclip'} ...", file=sys.stderr, flush=True)
+        memory.append(bench_memory(spec))
+    return {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({cpu_name()})",
+        "precision": args.precision,
+        "proxy": args.proxy,
+        "crop": crop,
+        "crops_per_forward": profile["proxy_crops"],
+        "repeats": args.repeats,
+        "time": rows,
+        "memory": memory,
+    }
+
+
+def format_proxy(result: dict[str, Any]) -> list[str]:
+    lines = [
+        f"proxy {result['proxy']} on {result['device']} ({result['precision']}), {result['crop']}² crops, "
+        f"{result['crops_per_forward']} per forward:",
+    ]
+    for row in result["time"]:
+        lines.append(
+            f"  {row['method']:<20} {row['per_crop_ms']:8.1f} ms/crop (IQR {row['per_crop_iqr_ms']:.1f})  "
+            f"{row['ratio']:.2f}x CLIP alone"
+        )
+    for mem in result["memory"]:
+        lines.append(
+            f"  peak {mem['method']:<10} {mem['image_size'][0]}x{mem['image_size'][1]} ({mem['crops']} crops): "
+            f"{mem['peak_mb']:.0f} MiB (+{mem['delta_mb']:.0f} MiB over the loaded models; {mem['measured_by']})"
+        )
+    return lines
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -811,6 +910,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--methods-only", action="store_true", help="run only the encoder section's methods")
     parser.add_argument("--sweep", action="store_true", help="also run the basic vs fused launcher sweep section")
     parser.add_argument("--sweep-only", action="store_true", help="run only the sweep section")
+    parser.add_argument("--proxy-only", action="store_true", help="run only the proxy section (ProxyCLIP, CASS)")
+    parser.add_argument("--proxy", default="dino_b8", choices=list(PROXIES), help="proxy of the proxy section")
+    parser.add_argument("--proxy-pretrained", default=None, help="proxy weights: timm or a file (default random)")
     parser.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--label-map-child", default=None, help=argparse.SUPPRESS)
     return parser
@@ -849,6 +951,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.sweep_only:
         print("[bench] sweep ...", file=sys.stderr, flush=True)
         return {"sweep": bench_sweep(profile, args.pretrained, args.device)}
+    if args.proxy_only:
+        print("[bench] proxy ...", file=sys.stderr, flush=True)
+        return {"proxy": bench_proxy(args)}
     device = torch.device(args.device)
     sync = make_sync(device)
     warmup = profile["warmup"]
@@ -930,7 +1035,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (WeightsUnavailableError, ValueError, RuntimeError) as err:
         print(f"bench.py: error: {err}", file=sys.stderr)
         return 2
-    print(format_report(result) if "encoder" in result else "\n".join(format_sweep(result["sweep"])))
+    if "encoder" in result:
+        print(format_report(result))
+    else:
+        print("\n".join(format_proxy(result["proxy"]) if "proxy" in result else format_sweep(result["sweep"])))
     if args.out:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)

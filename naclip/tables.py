@@ -639,13 +639,20 @@ METHODS: dict[str, _MethodSpec] = {
         "ClearCLIP", "qq", "reduced", "clearclip", (51.8, 32.6, 33.0, 80.9, 30.0, 35.9, 16.7, 23.9), "ClearCLIP Table 1"
     ),
     "naclip": _MethodSpec("NACLIP", "full", "reduced", "dataset", PAPER_RESULTS["table1"]["none"], "NACLIP Table 1"),
-    # Registered methods. Their authors' READMEs print no numbers as text (ResCLIP's are images) and their papers'
+    # Registered methods. GEM's, CLIP Surgery's and SC-CLIP's READMEs print no per-benchmark numbers and their papers'
     # tables could not be read where this was written: `–` until a value is checked against the named source.
     "gem": _MethodSpec("GEM", None, None, "gem", _UNSTATED, "GEM paper, not yet checked"),
     "clip_surgery": _MethodSpec(
         "CLIP Surgery", None, None, "clip_surgery", _UNSTATED, "CLIP Surgery paper, not yet checked"
     ),
-    "resclip": _MethodSpec("ResCLIP", None, None, "resclip", _UNSTATED, "ResCLIP paper, not yet checked"),
+    "resclip": _MethodSpec(  # on NACLIP (its default base); read from the repository's results figure
+        "ResCLIP",
+        None,
+        None,
+        "resclip",
+        (61.1, 33.5, 35.0, 86.0, 35.9, 36.8, 18.0, 24.7),
+        "ResCLIP repository, figs/main_results_w.png",
+    ),
     "scclip": _MethodSpec("SC-CLIP", None, None, "scclip", _UNSTATED, "SC-CLIP paper, not yet checked"),
 }
 _METHODS_TITLE = "Methods — the family side by side (ViT-B/16, no PAMR)"

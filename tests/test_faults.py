@@ -132,7 +132,7 @@ def test_sclip_under_its_own_protocol_still_fills_its_methods_row():
     from naclip.tables import methods_table, setting_note
 
     sclip = paper_result(["method=sclip"], 59.0)
-    assert methods_table([sclip]).value("SCLIP", "V21") == 59.0
+    assert methods_table([sclip]).value("SCLIP [fp32]", "V21") == 59.0
     assert setting_note([sclip]) is None
 
 

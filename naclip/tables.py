@@ -6,8 +6,8 @@ finished W&B runs converted to the same dict form. Each table row is selected by
 beats a caveated one and then the newest (``finished_at``) wins.
 
 A cell only takes a result run in the paper's setting: its resolved config holds the shipped values of its
-backbone choice (model, weights, precision), its dataset's protocol (``conf/dataset``, or the method's
-``conf/protocol`` file for a method's published protocol), its refine choice, and a method whose preset fits
+backbone choice (model, weights; rows name the precision instead), its dataset's protocol (``conf/dataset``, or
+the method's ``conf/protocol`` file for a method's published protocol), its refine choice, and a method whose preset fits
 its attention and arch. Others (``backbone.model=ViT-B-32`` under ``backbone=b16``, other weights,
 ``dataset.logit_scale=100``, ``method=sclip attention=full``) fill no cell; one stderr line says how many and why.
 A result without a finite mIoU, or with fields of the wrong type, is skipped with a warning.
@@ -399,10 +399,13 @@ def _paper_setting(backbone: str, dataset: str, refine: str, protocol: str) -> d
     overlay = {} if protocol == "dataset" else _shipped("protocol", f"{protocol}_{dataset}")
     if overlay is None:
         return None
+    if isinstance(overlay.get("dataset"), dict):  # a global-package protocol file (e.g. CASS's, which also sets refine)
+        overlay = overlay["dataset"]
     defaults = {k: v for k, v in asdict(DatasetConfig()).items() if v != "???"}
     dataset_values = {**defaults, **shipped["dataset"], **overlay}
     return {
-        "backbone": {k: v for k, v in shipped["backbone"].items() if k not in ("name", "device")},
+        # precision is not part of the setting: the authors evaluate fp16, and each row names its precisions
+        "backbone": {k: v for k, v in shipped["backbone"].items() if k not in ("name", "device", "precision")},
         "dataset": {k: v for k, v in dataset_values.items() if k not in _WHERE_KEYS},
         "refine": {**asdict(RefineConfig()), **shipped["refine"]},
     }
@@ -654,6 +657,8 @@ METHODS: dict[str, _MethodSpec] = {
         "ResCLIP repository, figs/main_results_w.png",
     ),
     "scclip": _MethodSpec("SC-CLIP", None, None, "scclip", _UNSTATED, "SC-CLIP paper, not yet checked"),
+    "proxyclip": _MethodSpec("ProxyCLIP", None, None, "proxyclip", _UNSTATED, "ProxyCLIP paper, not yet checked"),
+    "cass": _MethodSpec("CASS", None, None, "cass", _UNSTATED, "CASS paper, not yet checked"),
 }
 _METHODS_TITLE = "Methods — the family side by side (ViT-B/16, no PAMR)"
 

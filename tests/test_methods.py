@@ -247,7 +247,7 @@ CLEARCLIP.update(
     coco_object=(448, 448, 224, 50.0, 0.4, 0.0),
     cityscapes=(448, 224, 224, 50.0, 0.0, 0.0),
 )
-REGISTERED = ("gem", "clip_surgery", "resclip", "scclip")  # naclip.methods: they do not read attention/arch
+REGISTERED = ("gem", "clip_surgery", "resclip", "scclip", "proxyclip", "cass")
 PRESETS = {  # method: (attention, arch, protocol values per dataset, dataset.protocol)
     "clip": ("vanilla", "vanilla", NACLIP, "dataset"),
     "maskclip": ("value", "reduced", NACLIP, "dataset"),

@@ -7,8 +7,8 @@ beats a caveated one and then the newest (``finished_at``) wins.
 
 A cell only takes a result run in the paper's setting: its resolved config holds the shipped values of its
 backbone choice (model, weights; rows name the precision instead), its dataset's protocol (``conf/dataset``, or
-the method's ``conf/protocol`` file for a method's published protocol), its refine choice, and a method whose preset fits
-its attention and arch. Others (``backbone.model=ViT-B-32`` under ``backbone=b16``, other weights,
+the method's ``conf/protocol`` file for a method's published protocol), its refine choice, and a method whose
+preset fits its attention and arch. Others (``backbone.model=ViT-B-32`` under ``backbone=b16``, other weights,
 ``dataset.logit_scale=100``, ``method=sclip attention=full``) fill no cell; one stderr line says how many and why.
 A result without a finite mIoU, or with fields of the wrong type, is skipped with a warning.
 

@@ -152,20 +152,6 @@ class LoggerConfig:
 
 
 @dataclass
-class MethodConfig:
-    """The groups every app shares: they define the model and the method."""
-
-    backbone: BackboneConfig = MISSING
-    attention: AttentionConfig = MISSING
-    arch: ArchConfig = MISSING
-    refine: RefineConfig = MISSING
-    proxy: ProxyConfig = field(default_factory=ProxyConfig)
-    proxyclip: ProxyCLIPOptions = field(default_factory=ProxyCLIPOptions)
-    cass: CASSOptions = field(default_factory=CASSOptions)
-    plugins: list[str] = field(default_factory=list)  # modules imported before validation (register_attention)
-
-
-@dataclass
 class ResCLIPConfig:
     """Options of `method=resclip` (naclip.methods.resclip); per-dataset values come from conf/protocol/resclip_*."""
 
@@ -211,13 +197,27 @@ class ClipSurgeryOptions:
 
 
 @dataclass
-class RunConfig(MethodConfig):
-    method: str = "naclip"  # set by the `method` group: the preset the attention, arch and protocol came from
+class MethodConfig:
+    """The groups every app shares: they define the model and the method."""
+
+    backbone: BackboneConfig = MISSING
+    attention: AttentionConfig = MISSING
+    arch: ArchConfig = MISSING
+    refine: RefineConfig = MISSING
+    proxy: ProxyConfig = field(default_factory=ProxyConfig)
+    proxyclip: ProxyCLIPOptions = field(default_factory=ProxyCLIPOptions)
+    cass: CASSOptions = field(default_factory=CASSOptions)
     gem: GemOptions = field(default_factory=GemOptions)
     clip_surgery: ClipSurgeryOptions = field(default_factory=ClipSurgeryOptions)
     resclip: ResCLIPConfig = field(default_factory=ResCLIPConfig)
     scclip: SCCLIPConfig = field(default_factory=SCCLIPConfig)
     method_options: dict[str, Any] = field(default_factory=dict)  # a plug-in method's options (no schema node)
+    plugins: list[str] = field(default_factory=list)  # modules imported before validation (register_attention)
+
+
+@dataclass
+class RunConfig(MethodConfig):
+    method: str = "naclip"  # set by the `method` group: the preset the attention, arch and protocol came from
     dataset: DatasetConfig = MISSING
     logger: LoggerConfig = MISSING
     experiment_name: str = "default"

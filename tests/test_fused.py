@@ -204,8 +204,8 @@ def test_fused_sweep_records_each_job_once_and_only_its_own_sweep(tmp_path, monk
     alone, groups, built = [], [], []
     evaluate, evaluate_group, build = run.evaluate, sweep.evaluate_group, naclip_config.build_segmenter
 
-    def counting_build(cfg, names, protocol, device, timings=None, model=None):  # a distinct time per segmenter
-        out = build(cfg, names, protocol, device, timings, model)
+    def counting_build(cfg, names, protocol, device, timings=None, model=None, **kwargs):  # a time per segmenter
+        out = build(cfg, names, protocol, device, timings, model, **kwargs)
         built.append(cfg.attention.sigma)
         timings["seconds_text_classifier"] = 100.0 + len(built)
         return out

@@ -70,7 +70,10 @@ def test_help_lists_only_the_groups_predict_accepts():
         listed = {line.split(":")[0]: line.split(": ")[1].split(", ") for line in template.splitlines()
                   if ": " in line and line.split(":")[0].isidentifier()}
         assert set(listed) == {"method", "backbone", "attention", "arch", "refine"}
-        assert listed["method"] == ["clearclip", "clip", "maskclip", "naclip", "sclip"]
+        assert listed["method"] == [
+            "cass", "clearclip", "clip", "clip_surgery", "gem", "maskclip", "naclip", "proxyclip", "resclip", "scclip",
+            "sclip",
+        ]
         assert {"full", "kk_sim", "vanilla"} <= set(listed["attention"]) and listed["refine"] == ["none", "pamr"]
         for group, options in listed.items():  # every listed choice composes
             for option in options:

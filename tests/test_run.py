@@ -82,7 +82,10 @@ def test_experiment_presets_hold_sweeps(experiment):
 def test_expected_options_exist():
     assert options("attention") == ["csa", "full", "kk_sim", "n_only", "qq", "value", "vanilla"]
     assert options("arch") == ["reduced", "vanilla"]
-    assert options("backbone") == ["b16", "b32", "l14"]
+    assert options("backbone") == [
+        "b16", "b16_datacomp", "b16_dfn", "b16_laion", "b16_metaclip", "b32", "eva02_b16", "l14", "l14_laion",
+        "siglip2_b16", "siglip_b16",
+    ]
     assert set(options("dataset")) >= {
         "voc21", "voc20", "pc60", "pc59", "coco_object", "coco_stuff", "cityscapes", "ade", "demo", "synthetic",
     }

@@ -168,6 +168,16 @@ class _Job:
     fusable: bool  # a naclip.run job, valid and not finished yet: it may share a pass
 
 
+def _jobs(sweep_configs: Sequence[DictConfig]) -> tuple[list[_Job], list[_Job]]:
+    """Every job of a sweep, and those that may share a pass; Hydra's current config is left as it was."""
+    previous = HydraConfig.instance().cfg
+    try:
+        every = [_job(i, c) for i, c in enumerate(sweep_configs)]
+    finally:
+        HydraConfig.instance().cfg = previous
+    return every, [j for j in every if j.fusable]
+
+
 def _job(index: int, sweep_config: DictConfig) -> _Job:
     """The task config and output folder run_job will give this job (no folder is made yet)."""
     HydraConfig.instance().set_config(sweep_config)
@@ -272,12 +282,7 @@ def launch_fused(
     job's own head runs its jobs one by one, so each meets its own outcome. Ctrl-C stops the sweep (exit 130) and,
     as naclip.run does for its job, records every job of the interrupted group as interrupted.
     """
-    previous = HydraConfig.instance().cfg
-    try:
-        every = [_job(i, c) for i, c in enumerate(sweep_configs)]
-    finally:
-        HydraConfig.instance().cfg = previous
-    candidates = [j for j in every if j.fusable]
+    every, candidates = _jobs(sweep_configs)
     groups = [[candidates[i] for i in g] for g in group_jobs([j.cfg for j in candidates])]
     fused = {g[0].index: g for g in groups if len(g) > 1}
     in_fused = {j.index for g in fused.values() for j in g}
@@ -327,12 +332,7 @@ def plan(sweep_configs: Sequence[DictConfig]) -> list[list[tuple[int, Path]]]:
 
     Each job is given as (its index in `sweep_configs`, its output folder); cluster launchers submit one job per unit.
     """
-    previous = HydraConfig.instance().cfg
-    try:
-        every = [_job(i, c) for i, c in enumerate(sweep_configs)]
-    finally:
-        HydraConfig.instance().cfg = previous
-    candidates = [j for j in every if j.fusable]
+    every, candidates = _jobs(sweep_configs)
     group_of: dict[int, list[_Job]] = {}
     for indices in group_jobs([j.cfg for j in candidates]):
         members = [candidates[i] for i in indices]

@@ -7,6 +7,7 @@ against the text classifier) → accumulation over windows → post-processing �
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,6 +42,19 @@ def cosine_logits(features: Tensor, classifier: Tensor) -> Tensor:
     """Cosine similarity of patch features (n, rows, cols, D) with unit text embeddings (Q, D): (n, Q, rows, cols)."""
     feats = F.normalize(features.float(), dim=-1)
     return (feats @ classifier.float().T).permute(0, 3, 1, 2)
+
+
+def parallel_path(encoder: DenseEncoder, state: TrunkState, first: int, attention: Callable[[Tensor, int], Tensor]
+                  ) -> Tensor:
+    """A second path beside CLIP's blocks first..L (GEM, CLIP Surgery): it starts from the tokens entering block
+    ``first`` and each block adds its layer-scaled ``attention(x, block)`` of the original stream's input ``x``
+    (no feed-forward). Needs ``Taps(inputs=range(first, L - 1))``; returns the path's tokens (n, T, C)."""
+    last = encoder.num_blocks - 1
+    inputs = [state.inputs[i] for i in range(first, last)] + [state.x]  # the original stream
+    path = inputs[0]
+    for block, x in enumerate(inputs, start=first):
+        path = path + encoder.attn_scale(attention(x, block), block)
+    return path
 
 
 class Method(nn.Module):

@@ -17,6 +17,7 @@ from torch import Tensor
 
 from naclip.encoder import DenseEncoder, Taps
 from naclip.methods import Method, TrunkState, register_method
+from naclip.methods.base import parallel_path
 
 SURGERY_TEMPERATURE = 2.0  # the authors' fixed factor inside the class-token softmax of the feature surgery
 
@@ -63,11 +64,8 @@ class CLIPSurgery(Method):
 
     def tokens(self, state: TrunkState) -> Tensor:
         """Projected tokens (n, 1+N, D), the class token first (feature surgery needs it)."""
-        enc, last = self.encoder, self.encoder.num_blocks - 1
-        inputs = [state.inputs[i] for i in range(self.first, last)] + [state.x]  # the original stream
-        path = inputs[0]
-        for block, x in enumerate(inputs, start=self.first):
-            path = path + enc.attn_scale(self.value_value(x, block), block)
+        enc = self.encoder
+        path = parallel_path(enc, state, self.first, self.value_value)
         prefix = enc.num_prefix_tokens
         return enc.project(torch.cat([self.original_class_token(state.x), path[:, prefix:]], dim=1))
 

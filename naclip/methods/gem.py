@@ -16,6 +16,7 @@ from torch import Tensor
 
 from naclip.encoder import DenseEncoder, Taps
 from naclip.methods import Method, TrunkState, register_method
+from naclip.methods.base import parallel_path
 
 
 def self_self_weights(x: Tensor, inv_temp: Tensor | float, iterations: int) -> Tensor:
@@ -70,11 +71,8 @@ class GEM(Method):
         return enc.attn_proj(out, block)
 
     def features(self, state: TrunkState) -> Tensor:
-        enc, last = self.encoder, self.encoder.num_blocks - 1
-        inputs = [state.inputs[i] for i in range(self.first, last)] + [state.x]  # the original stream
-        path = inputs[0]
-        for block, x in enumerate(inputs, start=self.first):
-            path = path + enc.attn_scale(self.self_self(x, block), block)
+        enc = self.encoder
+        path = parallel_path(enc, state, self.first, self.self_self)
         feats = enc.project(path)[:, enc.num_prefix_tokens :]
         return feats.reshape(feats.shape[0], *state.grid, -1)
 

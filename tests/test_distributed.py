@@ -211,7 +211,8 @@ def test_a_known_error_under_torchrun_is_printed_once(tmp_path, monkeypatch, cap
 def test_torchrun_two_ranks_match_one_process_on_odd_count(work: Path, single: dict[str, Any]) -> None:
     port = _free_port()
     args = ["-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}"]
-    proc = _run([*args, "-m", "naclip.run", *ODD, "batch_size=1", f"hydra.run.dir={work / 'a'}"], work)
+    # force: the reference run in the sibling folder b holds a finished result for this same config
+    proc = _run([*args, "-m", "naclip.run", *ODD, "batch_size=1", "force=true", f"hydra.run.dir={work / 'a'}"], work)
     ranked = _result(work / "a")
 
     assert (ranked["world_size"], single["world_size"]) == (2, 1)
@@ -219,7 +220,7 @@ def test_torchrun_two_ranks_match_one_process_on_odd_count(work: Path, single: d
     assert ranked["per_class_iou"] == single["per_class_iou"]
     assert ranked["miou"] == single["miou"]
     assert ranked["pixel_acc"] == single["pixel_acc"]
-    assert ranked["config"] == single["config"]
+    assert ranked["config"] == {**single["config"], "force": True}
     # rank 0 alone writes and reports: both ranks log to the run folder's log, only one of them wrote the result
     log = (work / "a" / "run.log").read_text()
     assert log.count("No pretrained weights loaded") == 2
@@ -231,7 +232,8 @@ def test_torchrun_two_ranks_match_one_process_on_odd_count(work: Path, single: d
 @pytest.mark.slow
 def test_batched_images_match_one_at_a_time(work: Path, single: dict[str, Any]) -> None:
     # 5 images in batches of 3 and 2: crops of several images share encoder forwards, and a short last batch
-    _run(["-m", "naclip.run", *ODD, "batch_size=3", f"hydra.run.dir={work / 'c'}"], work)
+    # force: batch size is not part of the result config, so b's finished result would be reused instead
+    _run(["-m", "naclip.run", *ODD, "batch_size=3", "force=true", f"hydra.run.dir={work / 'c'}"], work)
     batched = _result(work / "c")
     assert batched["num_images"] == 5
     assert batched["per_class_iou"] == single["per_class_iou"]

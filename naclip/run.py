@@ -6,6 +6,7 @@ confusion matrices are summed across ranks, rank 0 alone writes the result.
 
 from __future__ import annotations
 
+import io
 import logging
 import math
 import os
@@ -15,7 +16,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import hydra
 import numpy as np
@@ -427,13 +428,34 @@ def _result_stamp(out_dir: Path) -> tuple[int, int] | None:
     return st.st_ino, st.st_mtime_ns
 
 
+def main() -> None:
+    """Console entry point. Under torchrun every rank composes the config, so a composition error (an unknown
+    group option, a bad override) would print once per rank: ranks other than 0 hold their stderr back until their
+    job starts, and rank 0 alone prints Hydra's message."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        _hydra_main()
+        return
+    _held_stderr.append(sys.stderr)
+    sys.stderr = io.StringIO()
+    try:
+        _hydra_main()
+    finally:
+        if _held_stderr:
+            sys.stderr = _held_stderr.pop()
+
+
+_held_stderr: list[TextIO] = []  # a rank's real stderr while `main` holds it back
+
+
 @hydra.main(version_base="1.3", config_path=config.config_dir(), config_name="config")
-def main(cfg: DictConfig) -> float | None:
-    """Hydra entry point: known errors end with one line on stderr and exit code 2 (Ctrl-C: 130).
+def _hydra_main(cfg: DictConfig) -> float | None:
+    """Hydra's task function: known errors end with one line on stderr and exit code 2 (Ctrl-C: 130).
 
     In a sweep (-m) a job with a known error records it in its folder and returns, so the sweep goes on;
     `naclip.jobs.JobSummary` prints the summary and sets the exit code at the end. Nothing is ever deleted.
     """
+    if _held_stderr:  # the job has started: every rank's own errors are its own again
+        sys.stderr = _held_stderr.pop()
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     sweep = HydraConfig.get().mode == RunMode.MULTIRUN
     before = _result_stamp(out_dir)

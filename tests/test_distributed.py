@@ -204,6 +204,40 @@ def test_a_known_error_under_torchrun_is_printed_once(tmp_path, monkeypatch, cap
     assert capsys.readouterr().err.splitlines() == expected
 
 
+def _cli(monkeypatch: pytest.MonkeyPatch, rank: str, overrides: list[str]) -> None:
+    """`python -m naclip.run <overrides>` in this process, as the rank torchrun would start."""
+    from naclip import run
+
+    monkeypatch.setenv("RANK", rank)
+    monkeypatch.setattr(sys, "argv", ["naclip.run", *overrides])
+    GlobalHydra.instance().clear()
+    run.main()
+
+
+@pytest.mark.parametrize(("rank", "printed"), [("0", 1), ("1", 0), ("3", 0)])
+def test_a_composition_error_under_torchrun_is_printed_by_rank_zero_only(monkeypatch, capsys, rank, printed) -> None:
+    """Hydra composes the config on every rank before any naclip code runs: its message must not repeat per rank."""
+    before = sys.stderr
+    with pytest.raises(SystemExit) as exc:
+        _cli(monkeypatch, rank, ["dataset=nope"])
+    assert exc.value.code != 0  # every rank still fails, so torchrun stops
+    assert sys.stderr is before  # the held-back stream is given back
+    assert capsys.readouterr().err.count("Could not find 'dataset/nope'") == printed
+
+
+def test_a_rank_gets_its_stderr_back_once_its_job_starts(tmp_path, monkeypatch, capsys) -> None:
+    """Held back only during composition: what a rank's job writes to stderr (an unexpected crash) is shown."""
+    from naclip import run
+
+    def evaluate(cfg: Any, out_dir: Path) -> dict[str, float]:
+        print("rank 1 job says", file=sys.stderr)
+        return {"miou": 1.0}
+
+    monkeypatch.setattr(run, "evaluate", evaluate)
+    _cli(monkeypatch, "1", [*SMOKE, f"hydra.run.dir={tmp_path}"])
+    assert capsys.readouterr().err.count("rank 1 job says") == 1
+
+
 # -- end to end (slow) ----------------------------------------------------------------------------------------
 
 

@@ -18,11 +18,10 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from composing import job_config
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
-from hydra.core.hydra_config import HydraConfig
 from hydra.errors import ConfigCompositionException
-from omegaconf import open_dict
 
 from naclip import config
 from naclip.run import setup_distributed, shard_indices
@@ -108,13 +107,7 @@ def _rank(rank: int, world: int, port: int, overrides: list[str], out: str) -> N
                       MASTER_PORT=str(port))
     from naclip.run import evaluate
 
-    config.register()
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=config.config_dir(), version_base="1.3"):
-        cfg = compose("config", overrides=overrides, return_hydra_config=True)
-    HydraConfig.instance().set_config(cfg)
-    with open_dict(cfg):
-        del cfg["hydra"]
+    cfg = job_config(overrides)
     try:
         evaluate(cfg, Path(out))
     finally:

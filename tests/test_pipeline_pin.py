@@ -21,10 +21,10 @@ import open_clip
 import pytest
 import reference_pipeline as ref
 import torch
+from composing import job_config
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import OmegaConf, open_dict
+from omegaconf import OmegaConf
 
 from naclip import config
 from naclip.data.synthetic import make_sample  # the data, not the pipeline: generated scenes
@@ -39,13 +39,7 @@ def evaluate_in_process(overrides: list[str], out: Path) -> dict[str, Any]:
     """The runner's evaluate on a composed config, as the Hydra app calls it."""
     from naclip.run import evaluate
 
-    config.register()
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=config.config_dir(), version_base="1.3"):
-        cfg = compose("config", overrides=overrides, return_hydra_config=True)
-    HydraConfig.instance().set_config(cfg)
-    with open_dict(cfg):
-        del cfg["hydra"]
+    cfg = job_config(overrides)
     try:
         return evaluate(cfg, out)
     finally:

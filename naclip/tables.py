@@ -472,7 +472,14 @@ def _why_not_paper(result: Mapping[str, Any]) -> str | None:
     if mismatch is not None:
         return mismatch
     spec = METHODS.get(_method(result))
-    own = spec is not None and (choices.get("attention"), choices.get("arch")) == (spec.attention, spec.arch)
+    off = {k: v for k, v in (spec.choices if spec is not None else {}).items() if choices.get(k) != v}
+    if off:
+        return f"method={_method(result)} but " + " ".join(
+            f"{k}={choices.get(k)} (its own: {v})" for k, v in off.items()
+        )
+    own = spec is not None and (
+        spec.attention is None or (choices.get("attention"), choices.get("arch")) == (spec.attention, spec.arch)
+    )
     if _protocol(result) == "dataset" and (own or _method_fits(result)):
         return None
     if _protocol(result) != "dataset" and own and _protocol(result) == spec.protocol:
@@ -617,7 +624,9 @@ TABLE_BUILDERS: dict[str, Callable[[list[dict]], Table]] = {
 # value a run under the method's published protocol records ("dataset" = the dataset config's own, NACLIP's).
 @dataclass(frozen=True)
 class _MethodSpec:
-    """``attention``/``arch`` None: a registered method (naclip.methods) that does not read them, so any counts."""
+    """``attention``/``arch`` None: a registered method (naclip.methods) that does not read them, so any counts.
+    ``refine`` and ``proxy`` are the choices the method's preset (``conf/method/<method>.yaml``) makes, part of its
+    published protocol (CASS: PAMR and DINO ViT-B/8), so its rows take only runs made with them."""
 
     label: str
     attention: str | None
@@ -625,6 +634,13 @@ class _MethodSpec:
     protocol: str
     published: tuple[Cell, ...]
     source: str
+    refine: str = "none"
+    proxy: str | None = None
+
+    @property
+    def choices(self) -> dict[str, str]:
+        """The refine (and proxy) choices a run must hold to fill this method's rows."""
+        return {"refine": self.refine, **({"proxy": self.proxy} if self.proxy is not None else {})}
 
 
 _UNSTATED = (None,) * len(DATASET_COLUMNS)
@@ -657,10 +673,21 @@ METHODS: dict[str, _MethodSpec] = {
         "ResCLIP repository, figs/main_results_w.png",
     ),
     "scclip": _MethodSpec("SC-CLIP", None, None, "scclip", _UNSTATED, "SC-CLIP paper, not yet checked"),
-    "proxyclip": _MethodSpec("ProxyCLIP", None, None, "proxyclip", _UNSTATED, "ProxyCLIP paper, not yet checked"),
-    "cass": _MethodSpec("CASS", None, None, "cass", _UNSTATED, "CASS paper, not yet checked"),
+    "proxyclip": _MethodSpec(
+        "ProxyCLIP", None, None, "proxyclip", _UNSTATED, "ProxyCLIP paper, not yet checked", proxy="dino_b8"
+    ),
+    "cass": _MethodSpec("CASS", None, None, "cass", _UNSTATED, "CASS paper, not yet checked", "pamr", "dino_b8"),
 }
-_METHODS_TITLE = "Methods — the family side by side (ViT-B/16, no PAMR)"
+
+
+def _methods_title() -> str:
+    """The methods table's title, naming the methods whose own protocol refines (CASS: PAMR)."""
+    refined: dict[str, list[str]] = {}
+    for spec in METHODS.values():
+        if spec.refine != "none":
+            refined.setdefault(spec.refine.upper(), []).append(spec.label)
+    which = "; ".join(f"{refine} for {', '.join(labels)} only" for refine, labels in refined.items()) or "no PAMR"
+    return f"Methods — the family side by side (ViT-B/16, each under its own protocol: {which})"
 
 
 def _protocol(result: Mapping[str, Any]) -> str:
@@ -684,11 +711,12 @@ def _with_precisions(label: str, results: Iterable[Mapping[str, Any]]) -> str:
 def methods_table(results: list[dict]) -> Table:
     """Each method measured under its published protocol, then under the shared one where that differs, then its
     published row (source named in the label). A run counts for a method only with that method's attention and
-    arch, so `method=sclip attention=full` never fills SCLIP's row. A measured row's label names the precision(s)
-    its results were computed in (``SCLIP [fp16]``)."""
-    table = Table(_METHODS_TITLE, [*DATASET_COLUMNS.values(), "Avg"])
+    arch, so `method=sclip attention=full` never fills SCLIP's row, and with the refine and proxy its preset
+    chooses (CASS: PAMR and DINO ViT-B/8; the others: none), so `method=cass refine=none` fills none. A measured
+    row's label names the precision(s) its results were computed in (``SCLIP [fp16]``)."""
+    table = Table(_methods_title(), [*DATASET_COLUMNS.values(), "Avg"])
     for method, spec in METHODS.items():
-        choices = {"backbone": "b16", "refine": "none", "method": method}
+        choices = {"backbone": "b16", "method": method, **spec.choices}
         if spec.attention is not None:
             choices.update(attention=spec.attention, arch=spec.arch)
         protocols = [(spec.protocol, spec.label)]

@@ -12,16 +12,20 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from omegaconf import OmegaConf
 from PIL import Image
 
 from naclip.tables import (
+    METHODS,
     LocalSource,
     WandbSource,
     build_tables,
     load_source,
     main,
+    methods_table,
     plot_sigma,
     select_results,
+    setting_note,
     sigma_figure,
     sigma_sweep,
 )
@@ -618,3 +622,55 @@ def test_export_lists_every_result_config_to_miou(tmp_path, capsys):
     assert rows[1]["overrides"] == ("backbone=b32 attention=qq_gauss arch=reduced refine=none dataset=synthetic "
                                     "logger=local")
     assert rows[2]["num_images"] == "4" and rows[2]["protocol"] == "dataset"
+
+
+# ------------------------------------------------------------------------------------------- methods table
+def method_result(method: str, dataset: str, miou: float, *, refine: str, proxy: str, protocol: str) -> dict:
+    """A TEST fixture: a registered method's run as result.json (its attention/arch are the schema defaults)."""
+    refine_cfg = {"name": "pamr", "steps": 10, "dilations": [8, 16]} if refine == "pamr" else {"name": "none"}
+    choices = {"backbone": "b16", "method": method, "attention": "full", "arch": "reduced", "refine": refine,
+               "proxy": proxy, "dataset": dataset}
+    return {"choices": choices, "miou": miou, "finished_at": "2026-01-01T00:00:00+00:00",
+            "config": {"dataset": {"protocol": protocol}, "refine": refine_cfg, "attention": {"sigma": None}}}
+
+
+def test_methods_table_takes_each_method_under_its_own_refine_and_proxy():
+    """CASS's protocol refines with PAMR (DINO ViT-B/8 proxy): its rows come from those runs, never from a run
+    without PAMR or with another proxy; ProxyCLIP's from DINO ViT-B/8 runs without PAMR; NACLIP's without PAMR."""
+    cass = [method_result("cass", d, 40.0 + i, refine="pamr", proxy="dino_b8", protocol="cass")
+            for i, d in enumerate(DATASETS)]
+    others = [
+        method_result("cass", "voc21", 1.0, refine="none", proxy="dino_b8", protocol="cass"),  # PAMR off
+        method_result("cass", "pc60", 2.0, refine="pamr", proxy="dinov3_b16", protocol="cass"),  # another proxy
+        method_result("cass", "voc21", 3.0, refine="pamr", proxy="dino_b8", protocol="dataset"),  # shared protocol
+        method_result("proxyclip", "voc21", 4.0, refine="none", proxy="dino_b8", protocol="proxyclip"),
+        method_result("proxyclip", "pc60", 5.0, refine="pamr", proxy="dino_b8", protocol="proxyclip"),
+        method_result("proxyclip", "coco_object", 6.0, refine="none", proxy="dino_b16", protocol="proxyclip"),
+    ]
+    naclip = [fake_result(dataset="voc21", miou=7.0), fake_result(dataset="pc60", miou=8.0, refine="pamr")]
+    for result in naclip:
+        result["choices"]["method"] = "naclip"
+    table = methods_table([*cass, *others, *naclip])
+    assert row(table, "CASS [fp32]") == [40.0, 41.0, 42.0, 43.0, 44.0, 45.0, 46.0, 47.0, 43.5]
+    assert row(table, "CASS (shared protocol) [fp32]")[:2] == [3.0, None]
+    assert row(table, "ProxyCLIP [fp32]")[:3] == [4.0, None, None]
+    assert row(table, "NACLIP [fp32]")[:2] == [7.0, None]
+    assert "PAMR for CASS only" in table.title
+    note = setting_note([*cass, *others])
+    assert note is not None and note.startswith("left out 4 results")  # the CASS runs of its own protocol fill cells
+    assert "method=cass but refine=none (its own: pamr)" in note
+    assert "method=cass but proxy=dinov3_b16 (its own: dino_b8)" in note
+    assert "method=proxyclip but refine=pamr (its own: none)" in note
+
+
+def test_methods_refine_and_proxy_are_those_of_each_method_preset():
+    """Each method's refine and proxy in the table are the choices its conf/method preset overrides (else none)."""
+    for method, spec in METHODS.items():
+        preset = OmegaConf.to_container(OmegaConf.load(REPO / "conf" / "method" / f"{method}.yaml"))
+        overrides = {}
+        for entry in preset.get("defaults", []):
+            if isinstance(entry, dict):
+                for key, value in entry.items():
+                    overrides[key.removeprefix("override ").strip("/")] = value
+        assert spec.refine == overrides.get("refine", "none"), method
+        assert spec.proxy == overrides.get("proxy"), method

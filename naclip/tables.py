@@ -472,7 +472,7 @@ def _why_not_paper(result: Mapping[str, Any]) -> str | None:
     if mismatch is not None:
         return mismatch
     spec = METHODS.get(_method(result))
-    off = {k: v for k, v in (spec.choices if spec is not None else {}).items() if choices.get(k) != v}
+    off = {k: v for k, v in (_own_choices(_method(result)) if spec else {}).items() if choices.get(k) != v}
     if off:
         return f"method={_method(result)} but " + " ".join(
             f"{k}={choices.get(k)} (its own: {v})" for k, v in off.items()
@@ -624,9 +624,7 @@ TABLE_BUILDERS: dict[str, Callable[[list[dict]], Table]] = {
 # value a run under the method's published protocol records ("dataset" = the dataset config's own, NACLIP's).
 @dataclass(frozen=True)
 class _MethodSpec:
-    """``attention``/``arch`` None: a registered method (naclip.methods) that does not read them, so any counts.
-    ``refine`` and ``proxy`` are the choices the method's preset (``conf/method/<method>.yaml``) makes, part of its
-    published protocol (CASS: PAMR and DINO ViT-B/8), so its rows take only runs made with them."""
+    """``attention``/``arch`` None: a registered method (naclip.methods) that does not read them, so any counts."""
 
     label: str
     attention: str | None
@@ -634,13 +632,6 @@ class _MethodSpec:
     protocol: str
     published: tuple[Cell, ...]
     source: str
-    refine: str = "none"
-    proxy: str | None = None
-
-    @property
-    def choices(self) -> dict[str, str]:
-        """The refine (and proxy) choices a run must hold to fill this method's rows."""
-        return {"refine": self.refine, **({"proxy": self.proxy} if self.proxy is not None else {})}
 
 
 _UNSTATED = (None,) * len(DATASET_COLUMNS)
@@ -673,19 +664,36 @@ METHODS: dict[str, _MethodSpec] = {
         "ResCLIP repository, figs/main_results_w.png",
     ),
     "scclip": _MethodSpec("SC-CLIP", None, None, "scclip", _UNSTATED, "SC-CLIP paper, not yet checked"),
-    "proxyclip": _MethodSpec(
-        "ProxyCLIP", None, None, "proxyclip", _UNSTATED, "ProxyCLIP paper, not yet checked", proxy="dino_b8"
-    ),
-    "cass": _MethodSpec("CASS", None, None, "cass", _UNSTATED, "CASS paper, not yet checked", "pamr", "dino_b8"),
+    "proxyclip": _MethodSpec("ProxyCLIP", None, None, "proxyclip", _UNSTATED, "ProxyCLIP paper, not yet checked"),
+    "cass": _MethodSpec("CASS", None, None, "cass", _UNSTATED, "CASS paper, not yet checked"),
 }
 
 
+# Config groups whose choice in a method's preset is part of that method's protocol: its rows take only runs with it.
+_PRESET_GROUPS = ("refine", "proxy")
+
+
+@functools.cache
+def _own_choices(method: str) -> dict[str, str]:
+    """The refine (``none`` unless its preset overrides it) and proxy (only where its preset chooses one) a run of
+    ``method`` must hold to fill its rows, as its preset ``conf/method/<method>.yaml`` chooses them."""
+    preset = _shipped("method", method) or {}
+    chosen: dict[str, str] = {"refine": "none"}
+    for entry in preset.get("defaults") or []:
+        for key, option in (entry.items() if isinstance(entry, dict) else ()):
+            group = key.removeprefix("override").strip().strip("/")
+            if group in _PRESET_GROUPS:
+                chosen[group] = str(option)
+    return chosen
+
+
 def _methods_title() -> str:
-    """The methods table's title, naming the methods whose own protocol refines (CASS: PAMR)."""
+    """The methods table's title, naming the methods whose own protocol refines (e.g. PAMR)."""
     refined: dict[str, list[str]] = {}
-    for spec in METHODS.values():
-        if spec.refine != "none":
-            refined.setdefault(spec.refine.upper(), []).append(spec.label)
+    for method, spec in METHODS.items():
+        refine = _own_choices(method)["refine"]
+        if refine != "none":
+            refined.setdefault(refine.upper(), []).append(spec.label)
     which = "; ".join(f"{refine} for {', '.join(labels)} only" for refine, labels in refined.items()) or "no PAMR"
     return f"Methods — the family side by side (ViT-B/16, each under its own protocol: {which})"
 
@@ -712,11 +720,12 @@ def methods_table(results: list[dict]) -> Table:
     """Each method measured under its published protocol, then under the shared one where that differs, then its
     published row (source named in the label). A run counts for a method only with that method's attention and
     arch, so `method=sclip attention=full` never fills SCLIP's row, and with the refine and proxy its preset
-    chooses (CASS: PAMR and DINO ViT-B/8; the others: none), so `method=cass refine=none` fills none. A measured
-    row's label names the precision(s) its results were computed in (``SCLIP [fp16]``)."""
+    (``conf/method``) chooses (:func:`_own_choices`: ProxyCLIP's DINO ViT-B/8 proxy; no refine unless a preset
+    overrides it), so `method=proxyclip proxy=dinov3_b16` fills none. A measured row's label names the precision(s)
+    its results were computed in (``SCLIP [fp16]``)."""
     table = Table(_methods_title(), [*DATASET_COLUMNS.values(), "Avg"])
     for method, spec in METHODS.items():
-        choices = {"backbone": "b16", "method": method, **spec.choices}
+        choices = {"backbone": "b16", "method": method, **_own_choices(method)}
         if spec.attention is not None:
             choices.update(attention=spec.attention, arch=spec.arch)
         protocols = [(spec.protocol, spec.label)]

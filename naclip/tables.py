@@ -649,23 +649,50 @@ METHODS: dict[str, _MethodSpec] = {
         "ClearCLIP", "qq", "reduced", "clearclip", (51.8, 32.6, 33.0, 80.9, 30.0, 35.9, 16.7, 23.9), "ClearCLIP Table 1"
     ),
     "naclip": _MethodSpec("NACLIP", "full", "reduced", "dataset", PAPER_RESULTS["table1"]["none"], "NACLIP Table 1"),
-    # Registered methods. GEM's, CLIP Surgery's and SC-CLIP's READMEs print no per-benchmark numbers and their papers'
-    # tables could not be read where this was written: `–` until a value is checked against the named source.
-    "gem": _MethodSpec("GEM", None, None, "gem", _UNSTATED, "GEM paper, not yet checked"),
+    # Registered methods: only values printed in the authors' own repository or project page (the papers' tables could
+    # not be read where this was written), each in this table's column order whatever the source's order; `–` where
+    # the source prints none. None of these rows uses PAMR (the authors' evaluation commands leave it off).
+    # GEM, ProxyCLIP: their repositories print no per-benchmark numbers.
+    "gem": _MethodSpec("GEM", None, None, "gem", _UNSTATED, "none in the authors' repository"),
+    # CLIP Surgery: README figs/fig6.jpg (its Table 6: ViT-B/16, no post-processing) prints COCO-Stuff and Cityscapes;
+    # its "PASCAL Context" (29.3) does not say 59 or 60 classes, so neither column takes it.
     "clip_surgery": _MethodSpec(
-        "CLIP Surgery", None, None, "clip_surgery", _UNSTATED, "CLIP Surgery paper, not yet checked"
+        "CLIP Surgery",
+        None,
+        None,
+        "clip_surgery",
+        (None, None, None, None, 31.4, None, None, 21.9),
+        "CLIP Surgery repository, figs/fig6.jpg",
     ),
-    "resclip": _MethodSpec(  # on NACLIP (its default base); read from the repository's results figure
+    "resclip": _MethodSpec(  # on NACLIP (its default base), ViT-B/16: the two results tables in its README
         "ResCLIP",
         None,
         None,
         "resclip",
         (61.1, 33.5, 35.0, 86.0, 35.9, 36.8, 18.0, 24.7),
-        "ResCLIP repository, figs/main_results_w.png",
+        "ResCLIP repository, figs/main_results_w.png and main_results_wo.png",
     ),
-    "scclip": _MethodSpec("SC-CLIP", None, None, "scclip", _UNSTATED, "SC-CLIP paper, not yet checked"),
-    "proxyclip": _MethodSpec("ProxyCLIP", None, None, "proxyclip", _UNSTATED, "ProxyCLIP paper, not yet checked"),
-    "cass": _MethodSpec("CASS", None, None, "cass", _UNSTATED, "CASS paper, not yet checked"),
+    # SC-CLIP: the README's radar figure, whose eight values average 43.9; it names no backbone, the repository's
+    # configs are ViT-B/16 and its SCLIP point on VOC21 (59.7) is at SCLIP's ViT-B/16 level, not its ViT-L/14 one.
+    "scclip": _MethodSpec(
+        "SC-CLIP",
+        None,
+        None,
+        "scclip",
+        (64.6, 36.8, 37.7, 84.3, 41.0, 40.1, 20.1, 26.6),
+        "SC-CLIP repository, figs/scclip.jpg",
+    ),
+    "proxyclip": _MethodSpec("ProxyCLIP", None, None, "proxyclip", _UNSTATED, "none in the authors' repository"),
+    # CASS (CLIP ViT-B/16, DINO ViT-B/8): the mIoU table of its project page, shown in its README; the authors'
+    # evaluation commands (README, eval_all.sh) run `--pamr off`.
+    "cass": _MethodSpec(
+        "CASS",
+        None,
+        None,
+        "cass",
+        (65.8, 36.7, 37.8, 87.8, 39.4, 40.2, 20.4, 26.7),
+        "CASS project page, static/images/miou.png",
+    ),
 }
 
 

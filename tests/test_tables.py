@@ -674,3 +674,39 @@ def test_methods_table_takes_each_method_under_its_own_refine_and_proxy():
     assert "method=cass but proxy=dinov3_b16 (its own: dino_b8)" in note
     assert "method=proxyclip but refine=pamr (its own: none)" in note
     assert "method=proxyclip but proxy=dino_b16 (its own: dino_b8)" in note
+
+
+# Published rows as their sources print them, keyed by column header (the sources order their columns differently).
+PUBLISHED = {
+    # CASS project page, static/images/miou.png (columns V21 PC60 C-Obj V20 PC59 C-Stf City ADE, stated Avg. 44.4)
+    "CASS": ({"V21": 65.8, "PC60": 36.7, "C-Obj": 37.8, "V20": 87.8, "PC59": 40.2, "C-Stf": 26.7, "City": 39.4,
+              "ADE": 20.4}, 44.4),
+    # SC-CLIP repository, figs/scclip.jpg (radar: VOC21, COCO Stuff, ADE, Context59, CityScapes, VOC20, COCO Object,
+    # Context60)
+    "SC-CLIP": ({"V21": 64.6, "C-Stf": 26.6, "ADE": 20.1, "PC59": 40.1, "City": 41.0, "V20": 84.3, "C-Obj": 37.7,
+                 "PC60": 36.8}, 43.9),
+    # ResCLIP repository, figs/main_results_w.png and main_results_wo.png (+ResCLIP on NACLIP, ViT-B/16)
+    "ResCLIP": ({"V21": 61.1, "PC60": 33.5, "C-Obj": 35.0, "V20": 86.0, "PC59": 36.8, "C-Stf": 24.7, "City": 35.9,
+                 "ADE": 18.0}, 41.4),
+    # CLIP Surgery repository, figs/fig6.jpg (PASCAL Context 29.3 of unstated class count, COCO Stuff, Cityscapes)
+    "CLIP Surgery": ({"C-Stf": 21.9, "City": 31.4}, None),
+    "GEM": ({}, None),
+    "ProxyCLIP": ({}, None),
+}
+
+
+def test_published_rows_hold_each_source_number_in_its_column():
+    """Every published cell is the source's number under the same benchmark, `–` where the source prints none, and
+    the average is the source's stated one (to its rounding) when all eight are printed."""
+    table = methods_table([])
+    labels = {label.split(" (published, ")[0]: label for label, _ in table.rows if " (published, " in label}
+    for method, (cells, average) in PUBLISHED.items():
+        got = dict(zip(table.columns, dict(table.rows)[labels[method]], strict=True))
+        for column in HEADERS[:-1]:
+            assert got[column] == cells.get(column), (method, column)
+        if average is None:
+            assert got["Avg"] is None, method
+        else:
+            assert abs(got["Avg"] - average) <= 0.05 + 1e-9, method  # 44.35 is printed 44.4
+    assert "CASS project page" in labels["CASS"] and "figs/scclip.jpg" in labels["SC-CLIP"]
+    assert "figs/fig6.jpg" in labels["CLIP Surgery"] and "none in the authors' repository" in labels["GEM"]

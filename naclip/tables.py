@@ -718,7 +718,7 @@ def _own_choices(method: str) -> dict[str, str]:
     preset = _shipped("method", method) or {}
     chosen: dict[str, str] = {"refine": "none"}
     for entry in preset.get("defaults") or []:
-        for key, option in (entry.items() if isinstance(entry, dict) else ()):
+        for key, option in entry.items() if isinstance(entry, dict) else ():
             group = key.removeprefix("override").strip().strip("/")
             if group in _PRESET_GROUPS:
                 chosen[group] = str(option)

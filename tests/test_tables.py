@@ -627,10 +627,21 @@ def test_export_lists_every_result_config_to_miou(tmp_path, capsys):
 def method_result(method: str, dataset: str, miou: float, *, refine: str, proxy: str, protocol: str) -> dict:
     """A TEST fixture: a registered method's run as result.json (its attention/arch are the schema defaults)."""
     refine_cfg = {"name": "pamr", "steps": 10, "dilations": [8, 16]} if refine == "pamr" else {"name": "none"}
-    choices = {"backbone": "b16", "method": method, "attention": "full", "arch": "reduced", "refine": refine,
-               "proxy": proxy, "dataset": dataset}
-    return {"choices": choices, "miou": miou, "finished_at": "2026-01-01T00:00:00+00:00",
-            "config": {"dataset": {"protocol": protocol}, "refine": refine_cfg, "attention": {"sigma": None}}}
+    choices = {
+        "backbone": "b16",
+        "method": method,
+        "attention": "full",
+        "arch": "reduced",
+        "refine": refine,
+        "proxy": proxy,
+        "dataset": dataset,
+    }
+    return {
+        "choices": choices,
+        "miou": miou,
+        "finished_at": "2026-01-01T00:00:00+00:00",
+        "config": {"dataset": {"protocol": protocol}, "refine": refine_cfg, "attention": {"sigma": None}},
+    }
 
 
 def preset_choice(method: str, group: str) -> str | None:
@@ -649,8 +660,10 @@ def test_methods_table_takes_each_method_under_its_own_refine_and_proxy():
     other_refine = "none" if cass_refine == "pamr" else "pamr"
     assert preset_choice("cass", "proxy") == preset_choice("proxyclip", "proxy") == "dino_b8"
     assert preset_choice("proxyclip", "refine") is None and preset_choice("naclip", "refine") is None
-    cass = [method_result("cass", d, 40.0 + i, refine=cass_refine, proxy="dino_b8", protocol="cass")
-            for i, d in enumerate(DATASETS)]
+    cass = [
+        method_result("cass", d, 40.0 + i, refine=cass_refine, proxy="dino_b8", protocol="cass")
+        for i, d in enumerate(DATASETS)
+    ]
     others = [
         method_result("cass", "voc21", 1.0, refine=other_refine, proxy="dino_b8", protocol="cass"),
         method_result("cass", "pc60", 2.0, refine=cass_refine, proxy="dinov3_b16", protocol="cass"),
@@ -679,15 +692,21 @@ def test_methods_table_takes_each_method_under_its_own_refine_and_proxy():
 # Published rows as their sources print them, keyed by column header (the sources order their columns differently).
 PUBLISHED = {
     # CASS project page, static/images/miou.png (columns V21 PC60 C-Obj V20 PC59 C-Stf City ADE, stated Avg. 44.4)
-    "CASS": ({"V21": 65.8, "PC60": 36.7, "C-Obj": 37.8, "V20": 87.8, "PC59": 40.2, "C-Stf": 26.7, "City": 39.4,
-              "ADE": 20.4}, 44.4),
+    "CASS": (
+        {"V21": 65.8, "PC60": 36.7, "C-Obj": 37.8, "V20": 87.8, "PC59": 40.2, "C-Stf": 26.7, "City": 39.4, "ADE": 20.4},
+        44.4,
+    ),
     # SC-CLIP repository, figs/scclip.jpg (radar: VOC21, COCO Stuff, ADE, Context59, CityScapes, VOC20, COCO Object,
     # Context60)
-    "SC-CLIP": ({"V21": 64.6, "C-Stf": 26.6, "ADE": 20.1, "PC59": 40.1, "City": 41.0, "V20": 84.3, "C-Obj": 37.7,
-                 "PC60": 36.8}, 43.9),
+    "SC-CLIP": (
+        {"V21": 64.6, "C-Stf": 26.6, "ADE": 20.1, "PC59": 40.1, "City": 41.0, "V20": 84.3, "C-Obj": 37.7, "PC60": 36.8},
+        43.9,
+    ),
     # ResCLIP repository, figs/main_results_w.png and main_results_wo.png (+ResCLIP on NACLIP, ViT-B/16)
-    "ResCLIP": ({"V21": 61.1, "PC60": 33.5, "C-Obj": 35.0, "V20": 86.0, "PC59": 36.8, "C-Stf": 24.7, "City": 35.9,
-                 "ADE": 18.0}, 41.4),
+    "ResCLIP": (
+        {"V21": 61.1, "PC60": 33.5, "C-Obj": 35.0, "V20": 86.0, "PC59": 36.8, "C-Stf": 24.7, "City": 35.9, "ADE": 18.0},
+        41.4,
+    ),
     # CLIP Surgery repository, figs/fig6.jpg (PASCAL Context 29.3 of unstated class count, COCO Stuff, Cityscapes)
     "CLIP Surgery": ({"C-Stf": 21.9, "City": 31.4}, None),
     "GEM": ({}, None),

@@ -35,6 +35,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from decimal import ROUND_HALF_EVEN, Decimal
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
@@ -172,6 +173,16 @@ def _mean_if_complete(values: Sequence[Cell]) -> Cell:
     """Average only when every value is measured; a partial mean would not be comparable to the paper."""
     measured = [v for v in values if v is not None]
     return sum(measured) / len(values) if measured and len(measured) == len(values) else None
+
+
+def _printed_mean(values: Sequence[Cell]) -> Cell:
+    """A published row's complete-only average, computed exactly on the printed decimals and rounded to one decimal
+    (an exact tie to even, as formatting rounds one): CASS's 44.35 reads 44.4 as its source prints it, where the
+    binary float mean (44.3499...) would read 44.3."""
+    if any(v is None for v in values) or not values:
+        return None
+    mean = sum(Decimal(str(v)) for v in values) / len(values)
+    return float(mean.quantize(Decimal("0.1"), rounding=ROUND_HALF_EVEN))
 
 
 # ------------------------------------------------------------------------------------------------ sources
@@ -472,7 +483,14 @@ def _why_not_paper(result: Mapping[str, Any]) -> str | None:
     if mismatch is not None:
         return mismatch
     spec = METHODS.get(_method(result))
-    own = spec is not None and (choices.get("attention"), choices.get("arch")) == (spec.attention, spec.arch)
+    off = {k: v for k, v in (_own_choices(_method(result)) if spec else {}).items() if choices.get(k) != v}
+    if off:
+        return f"method={_method(result)} but " + " ".join(
+            f"{k}={choices.get(k)} (its own: {v})" for k, v in off.items()
+        )
+    own = spec is not None and (
+        spec.attention is None or (choices.get("attention"), choices.get("arch")) == (spec.attention, spec.arch)
+    )
     if _protocol(result) == "dataset" and (own or _method_fits(result)):
         return None
     if _protocol(result) != "dataset" and own and _protocol(result) == spec.protocol:
@@ -642,25 +660,80 @@ METHODS: dict[str, _MethodSpec] = {
         "ClearCLIP", "qq", "reduced", "clearclip", (51.8, 32.6, 33.0, 80.9, 30.0, 35.9, 16.7, 23.9), "ClearCLIP Table 1"
     ),
     "naclip": _MethodSpec("NACLIP", "full", "reduced", "dataset", PAPER_RESULTS["table1"]["none"], "NACLIP Table 1"),
-    # Registered methods. GEM's, CLIP Surgery's and SC-CLIP's READMEs print no per-benchmark numbers and their papers'
-    # tables could not be read where this was written: `–` until a value is checked against the named source.
-    "gem": _MethodSpec("GEM", None, None, "gem", _UNSTATED, "GEM paper, not yet checked"),
+    # Registered methods: only values printed in the authors' own repository or project page (the papers' tables could
+    # not be read where this was written), each in this table's column order whatever the source's order; `–` where
+    # the source prints none. None of these rows uses PAMR (the authors' evaluation commands leave it off).
+    # GEM, ProxyCLIP: their repositories print no per-benchmark numbers.
+    "gem": _MethodSpec("GEM", None, None, "gem", _UNSTATED, "none in the authors' repository"),
+    # CLIP Surgery: README figs/fig6.jpg (its Table 6: ViT-B/16, no post-processing) prints COCO-Stuff and Cityscapes;
+    # its "PASCAL Context" (29.3) does not say 59 or 60 classes, so neither column takes it.
     "clip_surgery": _MethodSpec(
-        "CLIP Surgery", None, None, "clip_surgery", _UNSTATED, "CLIP Surgery paper, not yet checked"
+        "CLIP Surgery",
+        None,
+        None,
+        "clip_surgery",
+        (None, None, None, None, 31.4, None, None, 21.9),
+        "CLIP Surgery repository, figs/fig6.jpg",
     ),
-    "resclip": _MethodSpec(  # on NACLIP (its default base); read from the repository's results figure
+    "resclip": _MethodSpec(  # on NACLIP (its default base), ViT-B/16: the two results tables in its README
         "ResCLIP",
         None,
         None,
         "resclip",
         (61.1, 33.5, 35.0, 86.0, 35.9, 36.8, 18.0, 24.7),
-        "ResCLIP repository, figs/main_results_w.png",
+        "ResCLIP repository, figs/main_results_w.png and main_results_wo.png",
     ),
-    "scclip": _MethodSpec("SC-CLIP", None, None, "scclip", _UNSTATED, "SC-CLIP paper, not yet checked"),
-    "proxyclip": _MethodSpec("ProxyCLIP", None, None, "proxyclip", _UNSTATED, "ProxyCLIP paper, not yet checked"),
-    "cass": _MethodSpec("CASS", None, None, "cass", _UNSTATED, "CASS paper, not yet checked"),
+    # SC-CLIP: the README's radar figure, whose eight values average 43.9; it names no backbone, the repository's
+    # configs are ViT-B/16 and its SCLIP point on VOC21 (59.7) is at SCLIP's ViT-B/16 level, not its ViT-L/14 one.
+    "scclip": _MethodSpec(
+        "SC-CLIP",
+        None,
+        None,
+        "scclip",
+        (64.6, 36.8, 37.7, 84.3, 41.0, 40.1, 20.1, 26.6),
+        "SC-CLIP repository, figs/scclip.jpg",
+    ),
+    "proxyclip": _MethodSpec("ProxyCLIP", None, None, "proxyclip", _UNSTATED, "none in the authors' repository"),
+    # CASS (CLIP ViT-B/16, DINO ViT-B/8): the mIoU table of its project page, shown in its README; the authors'
+    # evaluation commands (README, eval_all.sh) run `--pamr off`.
+    "cass": _MethodSpec(
+        "CASS",
+        None,
+        None,
+        "cass",
+        (65.8, 36.7, 37.8, 87.8, 39.4, 40.2, 20.4, 26.7),
+        "CASS project page, static/images/miou.png",
+    ),
 }
-_METHODS_TITLE = "Methods — the family side by side (ViT-B/16, no PAMR)"
+
+
+# Config groups whose choice in a method's preset is part of that method's protocol: its rows take only runs with it.
+_PRESET_GROUPS = ("refine", "proxy")
+
+
+@functools.cache
+def _own_choices(method: str) -> dict[str, str]:
+    """The refine (``none`` unless its preset overrides it) and proxy (only where its preset chooses one) a run of
+    ``method`` must hold to fill its rows, as its preset ``conf/method/<method>.yaml`` chooses them."""
+    preset = _shipped("method", method) or {}
+    chosen: dict[str, str] = {"refine": "none"}
+    for entry in preset.get("defaults") or []:
+        for key, option in entry.items() if isinstance(entry, dict) else ():
+            group = key.removeprefix("override").strip().strip("/")
+            if group in _PRESET_GROUPS:
+                chosen[group] = str(option)
+    return chosen
+
+
+def _methods_title() -> str:
+    """The methods table's title, naming the methods whose own protocol refines (e.g. PAMR)."""
+    refined: dict[str, list[str]] = {}
+    for method, spec in METHODS.items():
+        refine = _own_choices(method)["refine"]
+        if refine != "none":
+            refined.setdefault(refine.upper(), []).append(spec.label)
+    which = "; ".join(f"{refine} for {', '.join(labels)} only" for refine, labels in refined.items()) or "no PAMR"
+    return f"Methods — the family side by side (ViT-B/16, each under its own protocol: {which})"
 
 
 def _protocol(result: Mapping[str, Any]) -> str:
@@ -684,11 +757,13 @@ def _with_precisions(label: str, results: Iterable[Mapping[str, Any]]) -> str:
 def methods_table(results: list[dict]) -> Table:
     """Each method measured under its published protocol, then under the shared one where that differs, then its
     published row (source named in the label). A run counts for a method only with that method's attention and
-    arch, so `method=sclip attention=full` never fills SCLIP's row. A measured row's label names the precision(s)
+    arch, so `method=sclip attention=full` never fills SCLIP's row, and with the refine and proxy its preset
+    (``conf/method``) chooses (:func:`_own_choices`: ProxyCLIP's DINO ViT-B/8 proxy; no refine unless a preset
+    overrides it), so `method=proxyclip proxy=dinov3_b16` fills none. A measured row's label names the precision(s)
     its results were computed in (``SCLIP [fp16]``)."""
-    table = Table(_METHODS_TITLE, [*DATASET_COLUMNS.values(), "Avg"])
+    table = Table(_methods_title(), [*DATASET_COLUMNS.values(), "Avg"])
     for method, spec in METHODS.items():
-        choices = {"backbone": "b16", "refine": "none", "method": method}
+        choices = {"backbone": "b16", "method": method, **_own_choices(method)}
         if spec.attention is not None:
             choices.update(attention=spec.attention, arch=spec.arch)
         protocols = [(spec.protocol, spec.label)]
@@ -699,7 +774,7 @@ def methods_table(results: list[dict]) -> Table:
             values, flags = _cells(measured, list(DATASET_COLUMNS))
             row = _with_precisions(label, (measured[d] for d in DATASET_COLUMNS if d in measured))
             table.add_row(row, values, _marked_columns(table.columns, flags))
-        table.add_row(f"{spec.label} (published, {spec.source})", [*spec.published, _mean_if_complete(spec.published)])
+        table.add_row(f"{spec.label} (published, {spec.source})", [*spec.published, _printed_mean(spec.published)])
     return table
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from omegaconf import OmegaConf
 from PIL import Image
 
 from naclip.tables import (
@@ -20,8 +21,10 @@ from naclip.tables import (
     build_tables,
     load_source,
     main,
+    methods_table,
     plot_sigma,
     select_results,
+    setting_note,
     sigma_figure,
     sigma_sweep,
 )
@@ -618,3 +621,111 @@ def test_export_lists_every_result_config_to_miou(tmp_path, capsys):
     assert rows[1]["overrides"] == ("backbone=b32 attention=qq_gauss arch=reduced refine=none dataset=synthetic "
                                     "logger=local")
     assert rows[2]["num_images"] == "4" and rows[2]["protocol"] == "dataset"
+
+
+# ------------------------------------------------------------------------------------------- methods table
+def method_result(method: str, dataset: str, miou: float, *, refine: str, proxy: str, protocol: str) -> dict:
+    """A TEST fixture: a registered method's run as result.json (its attention/arch are the schema defaults)."""
+    refine_cfg = {"name": "pamr", "steps": 10, "dilations": [8, 16]} if refine == "pamr" else {"name": "none"}
+    choices = {
+        "backbone": "b16",
+        "method": method,
+        "attention": "full",
+        "arch": "reduced",
+        "refine": refine,
+        "proxy": proxy,
+        "dataset": dataset,
+    }
+    return {
+        "choices": choices,
+        "miou": miou,
+        "finished_at": "2026-01-01T00:00:00+00:00",
+        "config": {"dataset": {"protocol": protocol}, "refine": refine_cfg, "attention": {"sigma": None}},
+    }
+
+
+def preset_choice(method: str, group: str) -> str | None:
+    """The option a method's preset file overrides for ``group`` (read from the YAML here, not through naclip)."""
+    preset = OmegaConf.to_container(OmegaConf.load(REPO / "conf" / "method" / f"{method}.yaml"))
+    for entry in preset.get("defaults", []):
+        if isinstance(entry, dict) and f"override /{group}" in entry:
+            return entry[f"override /{group}"]
+    return None
+
+
+def test_methods_table_takes_each_method_under_its_own_refine_and_proxy():
+    """A method's rows take only runs with the refine and proxy its preset chooses (CASS: its PAMR choice and DINO
+    ViT-B/8; ProxyCLIP: DINO ViT-B/8, no PAMR; NACLIP: no PAMR); a run with another says why it fills no cell."""
+    cass_refine = preset_choice("cass", "refine") or "none"
+    other_refine = "none" if cass_refine == "pamr" else "pamr"
+    assert preset_choice("cass", "proxy") == preset_choice("proxyclip", "proxy") == "dino_b8"
+    assert preset_choice("proxyclip", "refine") is None and preset_choice("naclip", "refine") is None
+    cass = [
+        method_result("cass", d, 40.0 + i, refine=cass_refine, proxy="dino_b8", protocol="cass")
+        for i, d in enumerate(DATASETS)
+    ]
+    others = [
+        method_result("cass", "voc21", 1.0, refine=other_refine, proxy="dino_b8", protocol="cass"),
+        method_result("cass", "pc60", 2.0, refine=cass_refine, proxy="dinov3_b16", protocol="cass"),
+        method_result("cass", "voc21", 3.0, refine=cass_refine, proxy="dino_b8", protocol="dataset"),  # shared
+        method_result("proxyclip", "voc21", 4.0, refine="none", proxy="dino_b8", protocol="proxyclip"),
+        method_result("proxyclip", "pc60", 5.0, refine="pamr", proxy="dino_b8", protocol="proxyclip"),
+        method_result("proxyclip", "coco_object", 6.0, refine="none", proxy="dino_b16", protocol="proxyclip"),
+    ]
+    naclip = [fake_result(dataset="voc21", miou=7.0), fake_result(dataset="pc60", miou=8.0, refine="pamr")]
+    for result in naclip:
+        result["choices"]["method"] = "naclip"
+    table = methods_table([*cass, *others, *naclip])
+    assert row(table, "CASS [fp32]") == [40.0, 41.0, 42.0, 43.0, 44.0, 45.0, 46.0, 47.0, 43.5]
+    assert row(table, "CASS (shared protocol) [fp32]")[:2] == [3.0, None]
+    assert row(table, "ProxyCLIP [fp32]")[:3] == [4.0, None, None]
+    assert row(table, "NACLIP [fp32]")[:2] == [7.0, None]
+    assert ("PAMR for CASS only" if cass_refine == "pamr" else "no PAMR") in table.title
+    note = setting_note([*cass, *others])
+    assert note is not None and note.startswith("left out 4 results")  # the CASS runs of its own protocol fill cells
+    assert f"method=cass but refine={other_refine} (its own: {cass_refine})" in note
+    assert "method=cass but proxy=dinov3_b16 (its own: dino_b8)" in note
+    assert "method=proxyclip but refine=pamr (its own: none)" in note
+    assert "method=proxyclip but proxy=dino_b16 (its own: dino_b8)" in note
+
+
+# Published rows as their sources print them, keyed by column header (the sources order their columns differently).
+PUBLISHED = {
+    # CASS project page, static/images/miou.png (columns V21 PC60 C-Obj V20 PC59 C-Stf City ADE, stated Avg. 44.4)
+    "CASS": (
+        {"V21": 65.8, "PC60": 36.7, "C-Obj": 37.8, "V20": 87.8, "PC59": 40.2, "C-Stf": 26.7, "City": 39.4, "ADE": 20.4},
+        44.4,
+    ),
+    # SC-CLIP repository, figs/scclip.jpg (radar: VOC21, COCO Stuff, ADE, Context59, CityScapes, VOC20, COCO Object,
+    # Context60)
+    "SC-CLIP": (
+        {"V21": 64.6, "C-Stf": 26.6, "ADE": 20.1, "PC59": 40.1, "City": 41.0, "V20": 84.3, "C-Obj": 37.7, "PC60": 36.8},
+        43.9,
+    ),
+    # ResCLIP repository, figs/main_results_w.png and main_results_wo.png (+ResCLIP on NACLIP, ViT-B/16)
+    "ResCLIP": (
+        {"V21": 61.1, "PC60": 33.5, "C-Obj": 35.0, "V20": 86.0, "PC59": 36.8, "C-Stf": 24.7, "City": 35.9, "ADE": 18.0},
+        41.4,
+    ),
+    # CLIP Surgery repository, figs/fig6.jpg (PASCAL Context 29.3 of unstated class count, COCO Stuff, Cityscapes)
+    "CLIP Surgery": ({"C-Stf": 21.9, "City": 31.4}, None),
+    "GEM": ({}, None),
+    "ProxyCLIP": ({}, None),
+}
+
+
+def test_published_rows_hold_each_source_number_in_its_column():
+    """Every published cell is the source's number under the same benchmark, `–` where the source prints none, and
+    the average is the source's stated one when all eight are printed."""
+    table = methods_table([])
+    labels = {label.split(" (published, ")[0]: label for label, _ in table.rows if " (published, " in label}
+    for method, (cells, average) in PUBLISHED.items():
+        got = dict(zip(table.columns, dict(table.rows)[labels[method]], strict=True))
+        for column in HEADERS[:-1]:
+            assert got[column] == cells.get(column), (method, column)
+        if average is None:
+            assert got["Avg"] is None, method
+        else:
+            assert got["Avg"] == average, method  # CASS: the exact mean 44.35 is printed 44.4
+    assert "CASS project page" in labels["CASS"] and "figs/scclip.jpg" in labels["SC-CLIP"]
+    assert "figs/fig6.jpg" in labels["CLIP Surgery"] and "none in the authors' repository" in labels["GEM"]

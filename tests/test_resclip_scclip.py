@@ -5,6 +5,7 @@ bit for bit, and every protocol file as the authors' configs state it."""
 from __future__ import annotations
 
 import copy
+import hashlib
 import math
 
 import numpy as np
@@ -247,6 +248,19 @@ def neighbour_mean(fmap: np.ndarray, outliers: np.ndarray) -> np.ndarray:
     return out
 
 
+def placed_as_the_authors(flat: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
+    """(rows, cols) outlier mask from a flat one as the authors' mean_interpolation indexes it: token i at
+    (i // rows, i % rows); where one of them falls outside the grid (their code fails), at (i // cols, i % cols)."""
+    rows, cols = grid
+    spots = [(i // rows, i % rows) for i in np.flatnonzero(flat)]
+    if any(r >= rows or c >= cols for r, c in spots):
+        return flat.reshape(grid)
+    out = np.zeros(grid, dtype=bool)
+    for r, c in spots:
+        out[r, c] = True
+    return out
+
+
 def scclip_reference(model, image, classifier) -> torch.Tensor:
     inputs, grid = trunk_reference(model, image)
     blocks = model.visual.transformer.resblocks
@@ -271,8 +285,9 @@ def scclip_reference(model, image, classifier) -> torch.Tensor:
         return merge_heads(last, attn @ v)
 
     x = output(10)
-    outliers = lof_reference(x[1:]).reshape(grid)
-    assert 0 < outliers.sum() < outliers.size
+    flat = lof_reference(x[1:])
+    assert 0 < flat.sum() < flat.size
+    outliers = placed_as_the_authors(flat, grid)
     cols = x.shape[-1]
     patches = torch.from_numpy(neighbour_mean(x[1:].numpy().reshape(*grid, cols), outliers).reshape(-1, cols))
     pre = torch.from_numpy(neighbour_mean(output(8)[1:].numpy().reshape(*grid, cols), outliers).reshape(-1, cols))
@@ -297,7 +312,9 @@ def test_lof_matches_its_formula():
     assert (ours == expected).all() and expected.sum() == 4 and expected[[3, 40]].all()
 
 
-@pytest.mark.parametrize("size", [(224, 224), pytest.param((256, 224), marks=pytest.mark.slow)])
+# (256, 224): 8 × 7 patches, the outliers land inside the grid at the authors' (i // rows, i % rows), moved;
+# (224, 256): 7 × 8, one would fall outside (their code fails), so the true positions stay
+@pytest.mark.parametrize("size", [(224, 224), (256, 224), pytest.param((224, 256), marks=pytest.mark.slow)])
 @torch.no_grad()
 def test_scclip_matches_its_formula(b32, size):
     torch.manual_seed(4)
@@ -403,6 +420,7 @@ def test_protocol_files_reach_the_segmenter(b32, text_cache, method, dataset):
     else:
         values = SCCLIP[dataset]
     assert tuple(cfg.dataset[k] for k in KEYS) == pytest.approx(values)
+    assert cfg.dataset.class_names == dataset  # NACLIP's files: the authors' own (test_class_name_files_...)
     seg, _, _ = config.build_segmenter(cfg, [["a"], ["b"]], cfg.dataset, "cpu", model=b32)
     assert (seg.slide_crop, seg.slide_stride, seg.logit_scale, seg.prob_thd, seg.area_thd) == pytest.approx(values[1:])
     if method == "resclip":
@@ -412,6 +430,28 @@ def test_protocol_files_reach_the_segmenter(b32, text_cache, method, dataset):
     else:
         m = seg.method
         assert (m.pre, m.post, m.multi, m.res_cls, m.beta) == (8, 3, range(3, 10), 0.3, 0.4)
+
+
+# sha256 (first 16 hex digits) of the authors' configs/cls_*.txt, trailing newline stripped: ResCLIP's and SC-CLIP's
+# files are identical, word for word (synonyms, "wood " with its space on PC60)
+AUTHORS_CLASS_FILES = {
+    "ade": "e53ded02c488bdb9",
+    "cityscapes": "6f6782fc1bf92bfd",
+    "coco_object": "3475d03d61f85ce0",
+    "coco_stuff": "fb98709b9ab1baff",
+    "pc59": "cd808465f06a1616",
+    "pc60": "5e620446a8699f29",
+    "voc20": "c68f65a2b342397c",
+    "voc21": "80e643a9a1439668",
+}
+
+
+def test_class_name_files_are_the_authors():
+    from importlib import resources
+
+    for name, digest in AUTHORS_CLASS_FILES.items():
+        text = resources.files("naclip").joinpath("classnames", f"{name}.txt").read_text().rstrip("\n")
+        assert hashlib.sha256(text.encode()).hexdigest()[:16] == digest, name
 
 
 def test_method_options_are_checked_early():

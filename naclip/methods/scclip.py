@@ -63,6 +63,30 @@ def replace_outliers(tokens: Tensor, outliers: Tensor, grid: tuple[int, int]) ->
     return fmap.reshape(n, channels, count).transpose(1, 2)
 
 
+def authors_placement(outliers: Tensor, grid: tuple[int, int]) -> Tensor:
+    """Outlier masks (n, P) moved to where the authors' code puts them: flat index i at (i // rows, i % rows).
+
+    Their ``mean_interpolation`` divides by the grid's first side (``feat_w``, the row count) where the row-major
+    position is (i // cols, i % cols): the same on square grids (every crop of their protocol), elsewhere it moves
+    the outliers, or indexes outside the grid and fails; a crop where it would fail keeps the true positions.
+    """
+    rows, cols = grid
+    if rows == cols:
+        return outliers
+    index = torch.arange(rows * cols, device=outliers.device)
+    row, col = index // rows, index % rows
+    inside = (row < rows) & (col < cols)
+    moved = []
+    for mask in outliers:
+        if (mask & ~inside).any():
+            moved.append(mask)
+        else:
+            placed = torch.zeros_like(mask)
+            placed[(row * cols + col)[mask]] = True
+            moved.append(placed)
+    return torch.stack(moved)
+
+
 def cosine_similarity(tokens: Tensor) -> Tensor:
     unit = tokens / tokens.norm(dim=-1, keepdim=True)
     return torch.matmul(unit, unit.transpose(-2, -1))  # (n, P, P)
@@ -140,6 +164,7 @@ class SCCLIP(Method):
         prefix, grid = self.encoder.num_prefix_tokens, state.grid
         cls, patches = state.x[:, :1], state.x[:, prefix:]
         outliers = torch.stack([lof_outliers(p, self.n_neighbors, self.contamination) for p in patches])
+        outliers = authors_placement(outliers, grid)
         x = replace_outliers(patches, outliers, grid)
         guide = cosine_similarity(replace_outliers(self.output(state, self.pre)[:, prefix:], outliers, grid))
         x = aggregate(x, guide, self.beta)

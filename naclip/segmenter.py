@@ -175,9 +175,9 @@ class Segmenter(nn.Module):
         """The part every variant of one backbone shares: embedding and blocks 1..L-1, with the taps asked for.
 
         ``wholes``: the whole image each crop was cut from, for methods with image-level terms (CASS); they
-        find it as ``state.cache["wholes"]``.
+        find it as ``state.cache["wholes"]``. Positions are resized by the method's ``position_rule``.
         """
-        x, grid = self.encoder.embed(crops)
+        x, grid = self.encoder.embed(crops, self.method.position_rule)
         taps = self.taps if taps is None else taps
         tapped: dict[str, dict[int, Any]] = {"inputs": {}, "qkv": {}}
         x = self.encoder.run_blocks(x, taps=taps, state=tapped)

@@ -7,6 +7,8 @@ Feature surgery: with unit image features f (class token f₀) and unit text emb
 ``w = softmax(2 f₀·t) / mean(softmax(2 f₀·t))`` over the queries, and the logit of query q at a patch is
 ``w_q (f·t_q) − mean_q' w_q' (f·t_q')``: what every query shares is removed. As the authors' code
 (xmed-lab/CLIP_Surgery, ``clip_surgery_model.py`` and ``clip.clip_feature_surgery``) computes it, per image.
+Position embeddings of other grids are resampled bilinearly from the pretrained ones to the exact grid, as that
+code does for square grids (it has no non-square case).
 """
 
 from __future__ import annotations
@@ -37,6 +39,8 @@ class CLIPSurgery(Method):
         encoder: the tower's stages.
         depth: blocks L-depth+1 .. L get the v-v path (the authors' ``range(1, 7)``: 7, the last six).
     """
+
+    position_rule = "bilinear"
 
     def __init__(self, encoder: DenseEncoder, depth: int = 7) -> None:
         super().__init__(encoder)

@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
@@ -304,6 +305,36 @@ def test_an_unknown_position_rule_is_one_clear_error(b32):
     enc = DenseEncoder(b32)
     with pytest.raises(ValueError, match="unknown position rule 'nearest'"):
         enc.position_embedding((3, 3), rule="nearest")
+
+
+def prompt_ensemble(model, names: list[str], templates: list[str]) -> torch.Tensor:
+    """Per name: the mean of the unit text embeddings of its prompts, normalised again (both authors' codes)."""
+    tokenizer = open_clip.get_tokenizer("ViT-B-32")
+    out = []
+    for name in names:
+        emb = F.normalize(model.encode_text(tokenizer([t.format(name) for t in templates])), dim=-1)
+        out.append(F.normalize(emb.mean(dim=0), dim=-1))
+    return torch.stack(out)
+
+
+@pytest.mark.slow
+def test_each_method_prompts_class_names_as_its_authors_code(b32, tmp_path):
+    """GEM's encode_text prompts "a photo of a {}." only; CLIP Surgery's encode_text_with_prompt_ensemble the 80
+    OpenAI ImageNet templates and five "in the scene" ones; given templates still win."""
+    names = [["sky"], ["car"]]
+    scene = ["there is a {} in the scene.", "there is the {} in the scene.", "this is a {} in the scene.",
+             "this is the {} in the scene.", "this is one {} in the scene."]  # fmt: skip
+    imagenet = [t("{}") for t in open_clip.OPENAI_IMAGENET_TEMPLATES]
+    want = {
+        "gem": prompt_ensemble(b32, ["sky", "car"], ["a photo of a {}."]),
+        "clip_surgery": prompt_ensemble(b32, ["sky", "car"], imagenet + scene),
+    }
+    for method, expected in want.items():
+        seg = Segmenter(b32, names, method=method, cache_dir=tmp_path)
+        torch.testing.assert_close(seg.classifier, expected, rtol=1e-5, atol=1e-5)
+    assert (want["gem"] - want["clip_surgery"]).abs().max() > 1e-2
+    given = Segmenter(b32, names, method="clip_surgery", cache_dir=tmp_path, templates=["a photo of a {}."])
+    torch.testing.assert_close(given.classifier, want["gem"], rtol=1e-5, atol=1e-5)
 
 
 # ------------------------------------------------------------------------------------------- configs

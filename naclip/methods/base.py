@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from naclip.encoder import DenseEncoder, Taps
+from naclip.text import Template
 
 
 @dataclass
@@ -65,7 +66,8 @@ class Method(nn.Module):
     :attr:`position_rule` names how the trunk resizes position embeddings for this method's crops (a name of
     :data:`naclip.towers.POSITION_RULES`, for methods whose authors' code resizes them its own way); None, the
     default, is the family's own rule (NACLIP's for open_clip's ViTs). Fused variants share a trunk pass only
-    with variants of the same rule.
+    with variants of the same rule. :attr:`templates` are the prompt templates its authors' code embeds class
+    names with, used when the segmenter is given none (None: the 80 OpenAI ImageNet templates).
 
     Args:
         encoder: the tower's stages (embedding, blocks, q/k/v, projection) the method computes with.
@@ -73,6 +75,7 @@ class Method(nn.Module):
 
     taps: Taps = Taps()
     position_rule: str | None = None
+    templates: tuple[Template, ...] | None = None
 
     def __init__(self, encoder: DenseEncoder) -> None:
         super().__init__()

@@ -7,7 +7,8 @@ with inverse temperature τ, is refined ``iterations`` times, and its final atte
 second stream then goes through CLIP's final norm and projection. τ defaults to the mean token norm of the
 block's normalised input (LN1) times 1/√d, per image, as the authors' code (WalBouss/GEM, ``gem_utils.py``)
 computes it. Position embeddings of other grids are resampled as that code does (``resample_abs_pos_embed``):
-antialiased bicubic to the exact grid, kept when the grid has as many cells as the pretraining one.
+antialiased bicubic to the exact grid, kept when the grid has as many cells as the pretraining one. Class names
+are prompted as that code's ``encode_text`` does: ``a photo of a {}.`` only.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ class GEM(Method):
     """
 
     position_rule = "antialias_bicubic"
+    templates = ("a photo of a {}.",)
 
     def __init__(
         self, encoder: DenseEncoder, depth: int = 7, iterations: int = 1, temperature: float | None = None

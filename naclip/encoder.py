@@ -101,7 +101,7 @@ class DenseEncoder(nn.Module):
             f"tower={self.tower.kind}"
         )
 
-    def position_embedding(self, grid: tuple[int, int], square: bool = True) -> Tensor:
+    def position_embedding(self, grid: tuple[int, int], square: bool = True, rule: str | None = None) -> Tensor:
         """Position embeddings (prefix + rows·cols, C) for a patch grid, resized as each family's code does.
 
         open_clip's towers: NACLIP (like SCLIP and ClearCLIP, after DINO) keeps the pretrained embeddings when
@@ -110,18 +110,23 @@ class DenseEncoder(nn.Module):
         the output has rows × cols cells, but its samples sit where that factor puts them, not where an exact
         resize to (rows, cols) would. The class token's embedding is kept. Matching this keeps logits equal to
         the authors' evaluation. timm towers (EVA02, SigLIP): timm's own ``resample_abs_pos_embed`` (exact size,
-        antialiased bicubic). One result is cached per grid.
+        antialiased bicubic). A method whose authors resize otherwise names its rule (``Method.position_rule``,
+        one of :data:`naclip.towers.POSITION_RULES`: GEM's antialiased bicubic, CLIP Surgery's bilinear), which
+        replaces the family's own. One result is cached per grid and rule.
 
         Args:
             grid: (rows, cols) of the patch grid.
             square: whether the image fed to the encoder is square (height == width in pixels).
+            rule: a name of :data:`naclip.towers.POSITION_RULES`; None = the family's own (above).
         """
-        return self.tower.position_embedding(grid, square)
+        return self.tower.position_embedding(grid, square, rule)
 
-    def embed(self, images: Tensor) -> tuple[Tensor, tuple[int, int]]:
-        """Patch (+ class token) embedding with (resized) positions and the pre-norm: (B, P+N, C), and the grid."""
+    def embed(self, images: Tensor, position_rule: str | None = None) -> tuple[Tensor, tuple[int, int]]:
+        """Patch (+ class token) embedding with (resized) positions and the pre-norm: (B, P+N, C), and the grid.
+
+        ``position_rule``: how positions are resized (see :meth:`position_embedding`); None = the family's own."""
         check_images(images, self.patch_size)
-        return self.tower.embed(images)
+        return self.tower.embed(images, position_rule)
 
     @property
     def blocks(self) -> nn.ModuleList:

@@ -2,7 +2,8 @@
 
 Every attention, architecture, σ, refinement, threshold and temperature variant of one backbone runs the same
 embedding and blocks 1..L-1 on the same crops; only the last block, the head and the post-processing differ.
-:class:`FusedSegmenter` runs the shared part once per chunk of crops and every variant's own part on it.
+:class:`FusedSegmenter` runs the shared part once per chunk of crops (once per position-embedding rule when the
+variants' methods resize positions differently, e.g. GEM beside NACLIP) and every variant's own part on it.
 """
 
 from __future__ import annotations
@@ -85,24 +86,32 @@ class FusedSegmenter(nn.Module):
     def logits_list(self, images: Sequence[Tensor]) -> list[list[Tensor]]:
         """Cosine logits: result[v][i] is variant v's (Q_v, H, W) logits of image i.
 
-        The trunk runs once per chunk with the union of the variants' taps; each variant's head reads the
-        same trunk state (and its shared per-chunk cache). Each chunk's state is dropped as soon as every
-        variant has run its head on it, so memory grows with the variants only by their own per-image logits.
+        The trunk runs once per chunk for all variants whose methods resize positions by the same rule (once
+        per distinct ``Method.position_rule``), with the union of their taps; each of those variants' heads
+        reads the same trunk state (and its shared per-chunk cache). Each state is dropped as soon as its
+        variants have run their heads on it, so memory grows with the variants only by their own logits.
         """
         first: Segmenter = self.variants[0]
         for image in images:
             check_images(image[None], first.encoder.patch_size)
-        taps = functools.reduce(operator.or_, (v.taps for v in self.variants))
+        groups: dict[str | None, list[int]] = {}
+        for v, variant in enumerate(self.variants):
+            groups.setdefault(variant.method.position_rule, []).append(v)
+        taps = {
+            rule: functools.reduce(operator.or_, (self.variants[v].taps for v in vs)) for rule, vs in groups.items()
+        }
         crops, owners = first.crops(images)
         accumulators = [
             LogitsAccumulator(images, owners, len(v.query_names), first.padded_patch) for v in self.variants
         ]
         for chunk in first.chunks(crops):
-            state = first.trunk(torch.stack([crops[i] for i in chunk]), taps, [images[owners[i][0]] for i in chunk])
-            for variant, accumulator in zip(self.variants, accumulators, strict=True):
-                for i, lg in zip(chunk, variant.head(state), strict=True):
-                    accumulator.add(i, lg)
-            del state
+            batch, wholes = torch.stack([crops[i] for i in chunk]), [images[owners[i][0]] for i in chunk]
+            for rule, members in groups.items():
+                state = self.variants[members[0]].trunk(batch, taps[rule], wholes)  # its method has this rule
+                for v in members:
+                    for i, lg in zip(chunk, self.variants[v].head(state), strict=True):
+                        accumulators[v].add(i, lg)
+                del state
         return [accumulator.result() for accumulator in accumulators]
 
     @torch.no_grad()

@@ -91,7 +91,7 @@ class Segmenter(nn.Module):
         pad_crops: zero-pad each sliding-window crop to whole patches (centred) and cut its logits back out, as
             ClearCLIP does; False lets the patch convolution drop the remainder and stretches the logits over the
             crop (NACLIP, SCLIP). Whole images (slide_crop=0) are never padded.
-        templates: prompt templates, default the 80 OpenAI ones.
+        templates: prompt templates; None = the method's own (GEM's, CLIP Surgery's), else the 80 OpenAI ones.
         pamr_steps, pamr_dilations: PAMR iterations and dilations.
         crop_batch_size: sliding-window crops per encoder forward.
         cache_dir: on-disk cache of text classifiers (None = no cache).
@@ -153,6 +153,7 @@ class Segmenter(nn.Module):
         self.query_names = [name for names in self.class_names for name in names]
         query_class = [c for c, names in enumerate(self.class_names) for _ in names]
         self.register_buffer("query_class", torch.tensor(query_class), persistent=False)
+        templates = self.method.templates if templates is None else templates
         classifier = text_classifier(model, self.query_names, templates, cache_dir=cache_dir, tokenizer=tokenizer)
         self.register_buffer("classifier", classifier, persistent=False)  # (Q, D)
         self.slide_crop, self.slide_stride = int(slide_crop), int(slide_stride)
@@ -175,9 +176,9 @@ class Segmenter(nn.Module):
         """The part every variant of one backbone shares: embedding and blocks 1..L-1, with the taps asked for.
 
         ``wholes``: the whole image each crop was cut from, for methods with image-level terms (CASS); they
-        find it as ``state.cache["wholes"]``.
+        find it as ``state.cache["wholes"]``. Positions are resized by the method's ``position_rule``.
         """
-        x, grid = self.encoder.embed(crops)
+        x, grid = self.encoder.embed(crops, self.method.position_rule)
         taps = self.taps if taps is None else taps
         tapped: dict[str, dict[int, Any]] = {"inputs": {}, "qkv": {}}
         x = self.encoder.run_blocks(x, taps=taps, state=tapped)

@@ -4,7 +4,8 @@
 unchanged on every family open_clip ships:
 
 - :class:`OpenClipTower`: open_clip's own ``VisionTransformer`` (OpenAI, LAION, DataComp, DFN, MetaCLIP weights):
-  a class token, learned absolute positions resized by NACLIP's published rule, ``ln_post @ proj``.
+  a class token, learned absolute positions resized by NACLIP's published rule (or a method's own, see
+  :data:`POSITION_RULES`), ``ln_post @ proj``.
 - :class:`TimmTower`: open_clip's ``TimmModel`` around a timm trunk (``visual.trunk``): EVA02 (class token, rotary
   embeddings in every attention, SwiGLU, sub-LN) and SigLIP / SigLIP2 (no class token, an attention-pool head).
   Absolute positions are resized with timm's ``resample_abs_pos_embed``, as timm does for other image sizes.
@@ -20,6 +21,43 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+POSITION_RULES: dict[str, str] = {
+    "naclip": "bicubic by the factors ((rows + 0.1) / g0, (cols + 0.1) / g0); kept when the grid has g0·g0 cells and "
+    "the image is square (NACLIP, SCLIP, ClearCLIP)",
+    "antialias_bicubic": "antialiased bicubic to exactly (rows, cols); kept when the grid has g0·g0 cells (GEM's code)",
+    "bilinear": "bilinear (no antialiasing) to exactly (rows, cols); kept on the pretraining grid "
+    "(CLIP Surgery's code)",
+}
+
+
+def check_position_rule(rule: str | None) -> None:
+    """Raise one line unless rule is None (the family's own) or a name of :data:`POSITION_RULES`."""
+    if rule is not None and rule not in POSITION_RULES:
+        raise ValueError(f"unknown position rule {rule!r}; valid choices: {list(POSITION_RULES)} or None")
+
+
+def keeps_positions(base: tuple[int, int], grid: tuple[int, int], rule: str, square: bool = True) -> bool:
+    """Whether ``rule`` keeps the pretrained positions of grid ``base`` for a (rows, cols) grid as they are
+    (``square``: whether the image is square, which only NACLIP's rule reads)."""
+    cells = grid[0] * grid[1] == base[0] * base[1]
+    return {"naclip": cells and square, "antialias_bicubic": cells, "bilinear": tuple(grid) == tuple(base)}[rule]
+
+
+def resample_positions(pos: Tensor, base: tuple[int, int], grid: tuple[int, int], rule: str) -> Tensor:
+    """Patch position embeddings (g0h·g0w, C) of the pretraining grid ``base`` resampled to a (rows, cols) grid
+    by a rule of :data:`POSITION_RULES`: (rows·cols, C)."""
+    patch = pos.reshape(1, base[0], base[1], -1).permute(0, 3, 1, 2).float()
+    if rule == "naclip":  # floor(g0 · (n + 0.1) / g0) = n cells per axis, samples where that factor puts them
+        scale = ((grid[0] + 0.1) / base[0], (grid[1] + 0.1) / base[1])
+        patch = F.interpolate(
+            patch, scale_factor=scale, mode="bicubic", align_corners=False, recompute_scale_factor=False
+        )
+    elif rule == "antialias_bicubic":
+        patch = F.interpolate(patch, size=grid, mode="bicubic", align_corners=False, antialias=True)
+    else:
+        patch = F.interpolate(patch, size=grid, mode="bilinear", align_corners=False)
+    return patch.permute(0, 2, 3, 1).reshape(grid[0] * grid[1], -1).to(pos.dtype)
 
 
 class Tower:
@@ -44,10 +82,10 @@ class Tower:
     def dtype(self) -> torch.dtype:
         raise NotImplementedError
 
-    def position_embedding(self, grid: tuple[int, int], square: bool = True) -> Tensor:
+    def position_embedding(self, grid: tuple[int, int], square: bool = True, rule: str | None = None) -> Tensor:
         raise NotImplementedError
 
-    def embed(self, images: Tensor) -> tuple[Tensor, tuple[int, int]]:
+    def embed(self, images: Tensor, rule: str | None = None) -> tuple[Tensor, tuple[int, int]]:
         raise NotImplementedError
 
     @property
@@ -100,32 +138,27 @@ class OpenClipTower(Tower):
     def dtype(self) -> torch.dtype:
         return self.visual.conv1.weight.dtype
 
-    def position_embedding(self, grid: tuple[int, int], square: bool = True) -> Tensor:
-        """(1 + rows·cols, C), resized as NACLIP, SCLIP and ClearCLIP publish (see DenseEncoder.position_embedding)."""
+    def position_embedding(self, grid: tuple[int, int], square: bool = True, rule: str | None = None) -> Tensor:
+        """(1 + rows·cols, C), resized by ``rule`` (None: NACLIP's; see DenseEncoder.position_embedding)."""
+        check_position_rule(rule)
+        rule = rule or "naclip"
         pos = self.visual.positional_embedding
-        key = (grid[0], grid[1], square, pos.dtype, pos.device)
+        key = (grid[0], grid[1], square, rule, pos.dtype, pos.device)
         if key not in self._pos_cache:
             base = tuple(self.visual.grid_size)
-            if grid[0] * grid[1] == base[0] * base[1] and square:
+            if keeps_positions(base, grid, rule, square):
                 self._pos_cache[key] = pos
             else:
-                cls_pos, patch_pos = pos[:1], pos[1:]
-                patch_pos = patch_pos.reshape(1, base[0], base[1], -1).permute(0, 3, 1, 2).float()
-                scale = ((grid[0] + 0.1) / base[0], (grid[1] + 0.1) / base[1])
-                patch_pos = F.interpolate(
-                    patch_pos, scale_factor=scale, mode="bicubic", align_corners=False, recompute_scale_factor=False
-                )  # (1, C, rows, cols): floor(g0 · (n + 0.1) / g0) = n cells per axis
-                patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(grid[0] * grid[1], -1).to(pos.dtype)
-                self._pos_cache[key] = torch.cat([cls_pos, patch_pos])
+                self._pos_cache[key] = torch.cat([pos[:1], resample_positions(pos[1:], base, grid, rule)])
         return self._pos_cache[key]
 
-    def embed(self, images: Tensor) -> tuple[Tensor, tuple[int, int]]:
+    def embed(self, images: Tensor, rule: str | None = None) -> tuple[Tensor, tuple[int, int]]:
         visual = self.visual
         x = visual.conv1(images.to(self.dtype))  # (B, C, rows, cols)
         grid = (x.shape[-2], x.shape[-1])
         x = x.flatten(2).transpose(1, 2)  # (B, N, C)
         cls = visual.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
-        pos = self.position_embedding(grid, square=images.shape[-2] == images.shape[-1])
+        pos = self.position_embedding(grid, square=images.shape[-2] == images.shape[-1], rule=rule)
         x = torch.cat([cls, x], dim=1) + pos.to(x.dtype)  # (B, 1+N, C)
         self.grid = grid
         return visual.ln_pre(visual.patch_dropout(x)), grid
@@ -206,17 +239,26 @@ class TimmTower(Tower):
     def dtype(self) -> torch.dtype:
         return self.trunk.patch_embed.proj.weight.dtype
 
-    def position_embedding(self, grid: tuple[int, int], square: bool = True) -> Tensor:
+    def position_embedding(self, grid: tuple[int, int], square: bool = True, rule: str | None = None) -> Tensor:
         """(P + rows·cols, C) absolute positions (P: prefix tokens with a position), resized by timm's
-        ``resample_abs_pos_embed`` (bicubic, antialiased, exact size) as timm's dynamic image size does."""
+        ``resample_abs_pos_embed`` (bicubic, antialiased, exact size) as timm's dynamic image size does, or by
+        ``rule`` of :data:`POSITION_RULES` when a method names one."""
         from timm.layers import resample_abs_pos_embed
 
+        check_position_rule(rule)
         pos = self.trunk.pos_embed
-        key = (grid, pos.dtype, pos.device)
+        key = (grid, square, rule, pos.dtype, pos.device)
         if key not in self._pos_cache:
             prefix = 0 if getattr(self.trunk, "no_embed_class", False) else self.num_prefix_tokens
             old = tuple(self.trunk.patch_embed.grid_size)
-            self._pos_cache[key] = resample_abs_pos_embed(pos, list(grid), list(old), num_prefix_tokens=prefix)[0]
+            if rule is None:
+                self._pos_cache[key] = resample_abs_pos_embed(pos, list(grid), list(old), num_prefix_tokens=prefix)[0]
+            elif keeps_positions(old, grid, rule, square):
+                self._pos_cache[key] = pos[0]
+            else:
+                self._pos_cache[key] = torch.cat(
+                    [pos[0, :prefix], resample_positions(pos[0, prefix:], old, grid, rule)]
+                )
         return self._pos_cache[key]
 
     def rope_embedding(self, grid: tuple[int, int]) -> Tensor | None:
@@ -238,7 +280,7 @@ class TimmTower(Tower):
             raise ValueError(f"{x.shape[1]} tokens do not match the grid of the last embed call ({self.grid})")
         return self.rope_embedding(self.grid)
 
-    def embed(self, images: Tensor) -> tuple[Tensor, tuple[int, int]]:
+    def embed(self, images: Tensor, rule: str | None = None) -> tuple[Tensor, tuple[int, int]]:
         trunk = self.trunk
         x = trunk.patch_embed.proj(images.to(self.dtype))  # (B, C, rows, cols): any size, not only 224 px
         grid = (x.shape[-2], x.shape[-1])
@@ -246,7 +288,7 @@ class TimmTower(Tower):
         prefix = [
             t.expand(x.shape[0], -1, -1) for t in (trunk.cls_token, getattr(trunk, "reg_token", None)) if t is not None
         ]
-        pos = self.position_embedding(grid).to(x.dtype)
+        pos = self.position_embedding(grid, images.shape[-2] == images.shape[-1], rule).to(x.dtype)
         if getattr(trunk, "no_embed_class", False):
             x = torch.cat([*prefix, x + pos], dim=1)
         else:

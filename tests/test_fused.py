@@ -104,6 +104,29 @@ def test_trunk_runs_once_per_chunk_for_all_variants(b32, cache):
     assert calls == {"first": chunks, "last": chunks * len(VARIANTS)}
 
 
+def test_variants_with_different_position_rules_run_one_trunk_pass_per_rule(b32, cache):
+    """GEM and CLIP Surgery resize position embeddings their authors' way, so on a non-pretraining grid their trunk
+    differs from NACLIP's: one pass per distinct rule per chunk (variants of one rule still share it), and every
+    variant still equals itself alone bit for bit."""
+    variants = [{"sigma": 2.0}, {"method": "gem"}, {"method": "clip_surgery"}, {"method": "gem",
+                "method_options": {"iterations": 2}}, {"attention": "vanilla", "arch": "vanilla"}]
+    fused = FusedSegmenter.create(b32, NAMES, variants, cache_dir=cache, templates=ONE_TEMPLATE,
+                                  slide_crop=64, slide_stride=32, crop_batch_size=3)
+    ims = images()
+    alone = [variant.logits_list(ims) for variant in fused.variants]
+    calls = []
+    hook = b32.visual.transformer.resblocks[0].register_forward_hook(lambda *_: calls.append(1))
+    try:
+        logits = fused.logits_list(ims)
+    finally:
+        hook.remove()
+    chunks = math.ceil((6 + 2) / 3)  # 64-pixel crops of the two images, as in the test above
+    assert len(calls) == chunks * 3  # three rules: NACLIP's (two variants), GEM's (two), CLIP Surgery's (one)
+    for got, want in zip(logits, alone, strict=True):
+        assert all(torch.equal(g, w) for g, w in zip(got, want, strict=True))
+    assert (logits[1][0] - logits[3][0]).abs().max() > 1e-4  # GEM's two variants differ by their own option
+
+
 def test_variants_that_cannot_share_a_pass_are_rejected(b32, b16, cache):
     common = {"templates": ONE_TEMPLATE, "cache_dir": cache}
     with pytest.raises(ValueError, match="slide_crop"):

@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
@@ -20,6 +21,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
 from naclip import DenseEncoder, FusedSegmenter, Segmenter, config
+from naclip.encoder import Taps
 from naclip.methods import METHODS, build_method
 from naclip.tables import methods_table
 
@@ -195,6 +197,144 @@ def test_fused_equals_each_variant_alone_bit_for_bit(b32, tmp_path):
         alone = variant.logits_list(ims)
         assert all(torch.equal(a, b) for a, b in zip(alone, logits[v], strict=True))
         assert all(torch.equal(a, b) for a, b in zip(variant.predict_list(ims), labels[v], strict=True))
+
+
+# ------------------------------------------------------------------------ position embeddings of other grids
+def embedded(model, images: torch.Tensor, patch_pos: torch.Tensor) -> torch.Tensor:
+    """Patch + class embeddings with the given patch positions (rows·cols, C) and the class token's own, ln_pre."""
+    vis = model.visual
+    x = vis.conv1(images).flatten(2).transpose(1, 2)
+    pos = torch.cat([vis.positional_embedding[:1], patch_pos])
+    return vis.ln_pre(torch.cat([vis.class_embedding.expand(x.shape[0], 1, -1), x], dim=1) + pos)
+
+
+def pretrained_grid(model) -> torch.Tensor:
+    """The pretrained patch positions as a (1, C, g0, g0) image."""
+    pos = model.visual.positional_embedding[1:]
+    side = math.isqrt(pos.shape[0])
+    return pos.reshape(1, side, side, -1).permute(0, 3, 1, 2)
+
+
+def as_tokens(grid_image: torch.Tensor) -> torch.Tensor:
+    return grid_image[0].flatten(1).T  # (C, rows, cols) → (rows·cols, C)
+
+
+def gem_positions(model, grid: tuple[int, int], square: bool) -> torch.Tensor:
+    """GEM's code (gem_utils.resample_abs_pos_embed, timm's function): bicubic with antialiasing to the exact grid,
+    the pretrained positions kept whenever the token count matches. Built with timm's own function."""
+    from timm.layers import resample_abs_pos_embed
+
+    pos = model.visual.positional_embedding
+    if grid[0] * grid[1] == pos.shape[0] - 1:
+        return pos[1:]
+    return resample_abs_pos_embed(pos[None], list(grid), num_prefix_tokens=1, interpolation="bicubic", antialias=True)[
+        0, 1:
+    ]
+
+
+def surgery_positions(model, grid: tuple[int, int], square: bool) -> torch.Tensor:
+    """CLIP Surgery's code: F.interpolate(..., (side, side), mode="bilinear") of the pretrained grid (its only case
+    is square; naclip takes the exact (rows, cols) for other grids)."""
+    return as_tokens(F.interpolate(pretrained_grid(model), size=grid, mode="bilinear", align_corners=False))
+
+
+def naclip_positions(model, grid: tuple[int, int], square: bool) -> torch.Tensor:
+    """NACLIP's published rule: the pretrained positions for a square image of g0·g0 cells, otherwise bicubic by the
+    factors ((rows + 0.1) / g0, (cols + 0.1) / g0), no size given."""
+    image = pretrained_grid(model)
+    if square and grid[0] * grid[1] == image.shape[-2] * image.shape[-1]:
+        return model.visual.positional_embedding[1:]
+    scale = ((grid[0] + 0.1) / image.shape[-2], (grid[1] + 0.1) / image.shape[-1])
+    image = F.interpolate(image, scale_factor=scale, mode="bicubic", align_corners=False, recompute_scale_factor=False)
+    assert tuple(image.shape[-2:]) == grid
+    return as_tokens(image)
+
+
+RULES = {"gem": gem_positions, "clip_surgery": surgery_positions, None: naclip_positions}
+
+
+@pytest.mark.parametrize(
+    ("method", "size"),
+    [
+        ("gem", (448, 448)),
+        ("gem", (224, 320)),
+        ("clip_surgery", (320, 320)),
+        ("clip_surgery", (224, 320)),
+        (None, (448, 448)),
+        (None, (224, 320)),
+    ],
+)
+def test_each_method_embeds_crops_with_its_authors_position_rule(b32, method, size):
+    """GEM's crops (448 in its protocol) get antialiased-bicubic positions, CLIP Surgery's bilinear ones, and every
+    other method still NACLIP's: the tokens entering block 1 of the trunk pass, against the rule built here."""
+    images = torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(2))
+    seg = Segmenter(b32, NAMES, method=method, slide_crop=0, **ONE)
+    grid = (size[0] // 32, size[1] // 32)
+    with torch.no_grad():
+        got = seg.trunk(images, Taps(inputs=frozenset({0}))).inputs[0]
+        want = embedded(b32, images, RULES[method](b32, grid, size[0] == size[1]))
+        others = [
+            embedded(b32, images, rule(b32, grid, size[0] == size[1])) for m, rule in RULES.items() if m != method
+        ]
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for other in others:  # the rules differ by much more than the tolerance on these grids
+        assert (other - want).abs().max() > 1e-3
+
+
+def test_positions_are_kept_where_each_authors_code_keeps_them(b32):
+    """At the pretraining grid every rule keeps the pretrained positions; GEM's code keeps them for any grid with as
+    many cells (a 1 × 49 strip here), NACLIP's only for square images, CLIP Surgery's only on the same grid."""
+    pos = b32.visual.positional_embedding
+    strip = torch.randn(1, 3, 32, 49 * 32, generator=torch.Generator().manual_seed(3))
+    square = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        for method in RULES:
+            seg = Segmenter(b32, NAMES, method=method, slide_crop=0, **ONE)
+            rule = seg.method.position_rule
+            assert seg.encoder.position_embedding((7, 7), square=True, rule=rule) is pos
+            kept = seg.encoder.position_embedding((1, 49), square=False, rule=rule)
+            assert (kept is pos) == (method == "gem")
+            for images in (strip, square):
+                grid = (images.shape[-2] // 32, images.shape[-1] // 32)
+                got = seg.trunk(images, Taps(inputs=frozenset({0}))).inputs[0]
+                want = embedded(b32, images, RULES[method](b32, grid, images is square))
+                torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_an_unknown_position_rule_is_one_clear_error(b32):
+    enc = DenseEncoder(b32)
+    with pytest.raises(ValueError, match="unknown position rule 'nearest'"):
+        enc.position_embedding((3, 3), rule="nearest")
+
+
+def prompt_ensemble(model, names: list[str], templates: list[str]) -> torch.Tensor:
+    """Per name: the mean of the unit text embeddings of its prompts, normalised again (both authors' codes)."""
+    tokenizer = open_clip.get_tokenizer("ViT-B-32")
+    out = []
+    for name in names:
+        emb = F.normalize(model.encode_text(tokenizer([t.format(name) for t in templates])), dim=-1)
+        out.append(F.normalize(emb.mean(dim=0), dim=-1))
+    return torch.stack(out)
+
+
+@pytest.mark.slow
+def test_each_method_prompts_class_names_as_its_authors_code(b32, tmp_path):
+    """GEM's encode_text prompts "a photo of a {}." only; CLIP Surgery's encode_text_with_prompt_ensemble the 80
+    OpenAI ImageNet templates and five "in the scene" ones; given templates still win."""
+    names = [["sky"], ["car"]]
+    scene = ["there is a {} in the scene.", "there is the {} in the scene.", "this is a {} in the scene.",
+             "this is the {} in the scene.", "this is one {} in the scene."]  # fmt: skip
+    imagenet = [t("{}") for t in open_clip.OPENAI_IMAGENET_TEMPLATES]
+    want = {
+        "gem": prompt_ensemble(b32, ["sky", "car"], ["a photo of a {}."]),
+        "clip_surgery": prompt_ensemble(b32, ["sky", "car"], imagenet + scene),
+    }
+    for method, expected in want.items():
+        seg = Segmenter(b32, names, method=method, cache_dir=tmp_path)
+        torch.testing.assert_close(seg.classifier, expected, rtol=1e-5, atol=1e-5)
+    assert (want["gem"] - want["clip_surgery"]).abs().max() > 1e-2
+    given = Segmenter(b32, names, method="clip_surgery", cache_dir=tmp_path, templates=["a photo of a {}."])
+    torch.testing.assert_close(given.classifier, want["gem"], rtol=1e-5, atol=1e-5)
 
 
 # ------------------------------------------------------------------------------------------- configs

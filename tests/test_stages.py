@@ -31,7 +31,9 @@ class ReplayFrom(Method):
 
 @pytest.fixture
 def registry(monkeypatch):
-    """A private copy of the method registry, so test registrations do not leak."""
+    """A private copy of the method registry, so test registrations do not leak (the built-ins loaded first, so they
+    register in the real one and not only in the copy)."""
+    naclip_methods.list_methods()
     monkeypatch.setattr(naclip_methods, "METHODS", dict(naclip_methods.METHODS))
     return naclip_methods
 

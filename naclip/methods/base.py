@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from naclip.encoder import DenseEncoder, Taps
+from naclip.text import Template
 
 
 @dataclass
@@ -44,8 +45,9 @@ def cosine_logits(features: Tensor, classifier: Tensor) -> Tensor:
     return (feats @ classifier.float().T).permute(0, 3, 1, 2)
 
 
-def parallel_path(encoder: DenseEncoder, state: TrunkState, first: int, attention: Callable[[Tensor, int], Tensor]
-                  ) -> Tensor:
+def parallel_path(
+    encoder: DenseEncoder, state: TrunkState, first: int, attention: Callable[[Tensor, int], Tensor]
+) -> Tensor:
     """A second path beside CLIP's blocks first..L (GEM, CLIP Surgery): it starts from the tokens entering block
     ``first`` and each block adds its layer-scaled ``attention(x, block)`` of the original stream's input ``x``
     (no feed-forward). Needs ``Taps(inputs=range(first, L - 1))``; returns the path's tokens (n, T, C)."""
@@ -61,11 +63,19 @@ class Method(nn.Module):
     """A dense method's own part. Subclasses set :attr:`taps` and implement :meth:`features` (or :meth:`logits`
     when the text classifier enters before the cosine, e.g. feature surgery or text refinement).
 
+    :attr:`position_rule` names how the trunk resizes position embeddings for this method's crops (a name of
+    :data:`naclip.towers.POSITION_RULES`, for methods whose authors' code resizes them its own way); None, the
+    default, is the family's own rule (NACLIP's for open_clip's ViTs). Fused variants share a trunk pass only
+    with variants of the same rule. :attr:`templates` are the prompt templates its authors' code embeds class
+    names with, used when the segmenter is given none (None: the 80 OpenAI ImageNet templates).
+
     Args:
         encoder: the tower's stages (embedding, blocks, q/k/v, projection) the method computes with.
     """
 
     taps: Taps = Taps()
+    position_rule: str | None = None
+    templates: tuple[Template, ...] | None = None
 
     def __init__(self, encoder: DenseEncoder) -> None:
         super().__init__()

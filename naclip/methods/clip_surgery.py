@@ -7,6 +7,9 @@ Feature surgery: with unit image features f (class token f₀) and unit text emb
 ``w = softmax(2 f₀·t) / mean(softmax(2 f₀·t))`` over the queries, and the logit of query q at a patch is
 ``w_q (f·t_q) − mean_q' w_q' (f·t_q')``: what every query shares is removed. As the authors' code
 (xmed-lab/CLIP_Surgery, ``clip_surgery_model.py`` and ``clip.clip_feature_surgery``) computes it, per image.
+Position embeddings of other grids are resampled bilinearly from the pretrained ones to the exact grid, as that
+code does for square grids (it has no non-square case). Class names are prompted with that code's ensemble
+(``encode_text_with_prompt_ensemble``): the 80 OpenAI ImageNet templates, then five "in the scene" ones.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from torch import Tensor
 from naclip.encoder import DenseEncoder, Taps
 from naclip.methods import Method, TrunkState, register_method
 from naclip.methods.base import parallel_path
+from naclip.text import OPENAI_TEMPLATES
 
 SURGERY_TEMPERATURE = 2.0  # the authors' fixed factor inside the class-token softmax of the feature surgery
 
@@ -37,6 +41,16 @@ class CLIPSurgery(Method):
         encoder: the tower's stages.
         depth: blocks L-depth+1 .. L get the v-v path (the authors' ``range(1, 7)``: 7, the last six).
     """
+
+    position_rule = "bilinear"
+    templates = (
+        *OPENAI_TEMPLATES,
+        "there is a {} in the scene.",
+        "there is the {} in the scene.",
+        "this is a {} in the scene.",
+        "this is the {} in the scene.",
+        "this is one {} in the scene.",
+    )
 
     def __init__(self, encoder: DenseEncoder, depth: int = 7) -> None:
         super().__init__(encoder)

@@ -6,7 +6,9 @@ adds to it, without feed-forward, the output projection of the q-q, k-k and v-v 
 with inverse temperature τ, is refined ``iterations`` times, and its final attention weights average v. The
 second stream then goes through CLIP's final norm and projection. τ defaults to the mean token norm of the
 block's normalised input (LN1) times 1/√d, per image, as the authors' code (WalBouss/GEM, ``gem_utils.py``)
-computes it.
+computes it. Position embeddings of other grids are resampled as that code does (``resample_abs_pos_embed``):
+antialiased bicubic to the exact grid, kept when the grid has as many cells as the pretraining one. Class names
+are prompted as that code's ``encode_text`` does: ``a photo of a {}.`` only.
 """
 
 from __future__ import annotations
@@ -37,6 +39,9 @@ class GEM(Method):
         iterations: self-self refinements before the final assignment to v (``ss_attn_iter``).
         temperature: fixed inverse temperature (``ss_attn_temp``); None = the adaptive one described above.
     """
+
+    position_rule = "antialias_bicubic"
+    templates = ("a photo of a {}.",)
 
     def __init__(
         self, encoder: DenseEncoder, depth: int = 7, iterations: int = 1, temperature: float | None = None

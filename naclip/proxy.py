@@ -183,10 +183,26 @@ class Proxy(nn.Module):
         return self._casts[dtype]
 
     @torch.no_grad()
-    def forward(self, images: Tensor, dtype: torch.dtype | None = None) -> ProxyOutput:
-        """Last-block features and keys of proxy-normalized images (B, 3, H, W), run in `dtype`."""
+    def forward(self, images: Tensor, dtype: torch.dtype | None = None, fused: bool = True) -> ProxyOutput:
+        """Last-block features and keys of proxy-normalized images (B, 3, H, W), run in `dtype`.
+
+        ``fused=False`` computes every attention step by step, softmax(q·kᵀ·scale)·v, as the original DINO code
+        does, instead of timm's fused kernel: the same values to the last bit as the authors' DINO, which CASS
+        needs (it rounds the keys to fp16 and pairs heads by a discrete assignment that a last-bit change can flip).
+        """
         dtype = self.dtype if dtype is None else dtype
         net = self._net(dtype)
+        attns = [b.attn for b in net.blocks if hasattr(getattr(b, "attn", None), "fused_attn")]
+        saved = [a.fused_attn for a in attns]
+        try:
+            for a in attns:
+                a.fused_attn = a.fused_attn and fused
+            return self._forward(net, images, dtype)
+        finally:
+            for a, flag in zip(attns, saved, strict=True):
+                a.fused_attn = flag
+
+    def _forward(self, net: nn.Module, images: Tensor, dtype: torch.dtype) -> ProxyOutput:
         square = images.shape[-2] == images.shape[-1]
         grid = (images.shape[-2] // self.patch_size[0], images.shape[-1] // self.patch_size[1])
         # a partial last patch is dropped (DINO's convolution floors; DINOv2 asks for whole patches)

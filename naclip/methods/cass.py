@@ -42,7 +42,10 @@ from naclip.proxy import Proxy
 _INV_MEAN = (0.485, 0.456, 0.406)
 _INV_STD = (0.229, 0.224, 0.255)
 SVD_RANK = 10  # the authors' energy search always stops at its first rank (the ratio is within the q values)
-SVD_SEED = 0  # torch.svd_lowrank is randomized: a fixed seed per call makes crops independent of batching
+# torch.svd_lowrank is randomized and the authors' code draws from the global generator (mmengine seeds it with 42
+# before the evaluation), one draw per head pair in head order. Seeding it with 42 per crop, in a forked RNG state,
+# gives each crop the authors' draws for a crop evaluated right after that seed, independent of batching.
+SVD_SEED = 42
 
 
 def proxy_pixels(crop: Tensor, size: int | None = None) -> Tensor:
@@ -70,7 +73,7 @@ def proxy_keys(proxy: Proxy, state: TrunkState, size: int | None) -> list[Tensor
     if key not in state.cache:
         keys = []
         for crop in state.crops:  # crops are square in the protocol; one at a time keeps the authors' per-crop sizes
-            out = proxy(proxy.normalize(proxy_pixels(crop, size))[None], dtype=torch.float32)
+            out = proxy(proxy.normalize(proxy_pixels(crop, size))[None], dtype=torch.float32, fused=False)
             if out.keys is None:
                 raise ValueError(f"proxy {proxy.name!r} exposes no last-block keys; cass needs a timm ViT proxy")
             keys.append((out.keys[0].half(), out.grid))
@@ -107,10 +110,7 @@ def _match_range(source: Tensor, target: Tensor) -> Tensor:
 def low_rank_graph(graph: Tensor, stretch: bool) -> Tensor:
     """Rank-10 randomized SVD approximation (float64) of one proxy graph, singular values optionally stretched to
     ``[0.5·min, 1.5·max]``, its diagonal zeroed (CASS's spectral distillation)."""
-    devices = [graph.device] if graph.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(SVD_SEED)
-        u, s, v = torch.svd_lowrank(graph.double(), q=SVD_RANK)
+    u, s, v = torch.svd_lowrank(graph.double(), q=SVD_RANK)  # draws from the global generator
     if stretch:
         lo, hi = s.min(), s.max()
         s = (s - lo) / (hi - lo) * (1.5 * hi - 0.5 * lo) + 0.5 * lo
@@ -119,17 +119,21 @@ def low_rank_graph(graph: Tensor, stretch: bool) -> Tensor:
 
 
 def distilled_graph(clip_keys: Tensor, proxy_keys: Tensor, scale_factor: float, k_eigen: int, stretch: bool) -> Tensor:
-    """CLIP's key graphs (h, N, N) with the paired proxy graphs blended in; keys (h, N, d), proxy keys already on
-    CLIP's grid and range. Returned in CLIP's dtype."""
+    """CLIP's key graphs (h, N, N) of one crop with the paired proxy graphs blended in; keys (h, N, d), proxy keys
+    already on CLIP's grid and range. Returned in CLIP's dtype. The randomized SVDs run from :data:`SVD_SEED`,
+    CLIP head 0 first, in a forked RNG state (the caller's generators are left as they were)."""
     scale = clip_keys.shape[-1] ** -0.5
     clip_graphs = clip_keys @ clip_keys.transpose(1, 2) * scale
     proxy_graphs = proxy_keys @ proxy_keys.transpose(1, 2) * scale
     col, cost = head_matching(proxy_graphs, clip_graphs, k_eigen)
     blended = torch.zeros_like(clip_graphs)
-    for i, j in enumerate(col):
-        w = (1 - cost[i, j]).to(clip_graphs.device) * scale_factor
-        sparse = _match_range(low_rank_graph(proxy_graphs[j], stretch), clip_graphs[i])
-        blended[i] = (w * sparse + clip_graphs[i]) / (w + 1)
+    devices = [clip_graphs.device] if clip_graphs.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(SVD_SEED)
+        for i, j in enumerate(col):
+            w = (1 - cost[i, j]).to(clip_graphs.device) * scale_factor
+            sparse = _match_range(low_rank_graph(proxy_graphs[j], stretch), clip_graphs[i])
+            blended[i] = (w * sparse + clip_graphs[i]) / (w + 1)
     return blended
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from composing import compose_config
 from hydra import compose, initialize_config_dir
 from PIL import Image
 
@@ -71,20 +72,11 @@ def test_predict_rerun_into_the_input_folder_skips_its_own_outputs(tmp_path, mon
 
 
 # ------------------------------------------------------------------- 3, 6: tables take only the paper's setting
-def _compose_run(overrides: list[str]):
-    from hydra.core.global_hydra import GlobalHydra
-
-    config.register()
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=config.config_dir(), version_base="1.3"):
-        return compose("config", overrides=overrides, return_hydra_config=True)
-
-
 def paper_result(overrides: list[str], miou: float, finished_at: str = "2026-01-01T00:00:00+00:00") -> dict:
     """A result.json dict as a run of these overrides writes it: resolved config, Hydra choices, a full split."""
     from omegaconf import OmegaConf
 
-    cfg = _compose_run(["dataset=voc21", *overrides])
+    cfg = compose_config(["dataset=voc21", *overrides], hydra_config=True)
     choices = {k: v for k, v in cfg.hydra.runtime.choices.items() if not k.startswith("hydra") and v is not None}
     resolved = OmegaConf.to_container(cfg, resolve=False)
     del resolved["hydra"]
@@ -202,7 +194,7 @@ def _task_cfg(overrides: list[str]):
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import open_dict
 
-    full = _compose_run(overrides)
+    full = compose_config(overrides, hydra_config=True)
     HydraConfig.instance().set_config(full)
     cfg = copy.deepcopy(full)
     with open_dict(cfg):

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
+from composing import compose_config
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import open_dict
@@ -142,13 +142,6 @@ def test_variants_that_cannot_share_a_pass_are_rejected(b32, b16, cache):
         FusedSegmenter([])
 
 
-def compose_run(overrides: list[str], hydra_cfg: bool = False):
-    naclip_config.register()
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose("config", overrides=overrides, return_hydra_config=hydra_cfg)
-
-
 def test_grouping_by_shared_work():
     from naclip.sweep import group_jobs
 
@@ -166,7 +159,7 @@ def test_grouping_by_shared_work():
         ["attention.sigma=3", "dataset.short_side=128"],  # 10: with 5
         ["dataset.slide_stride=48"],  # 11: the same crop size, other windows
     ]
-    cfgs = [compose_run([*SMOKE, *o]) for o in jobs]
+    cfgs = [compose_config([*SMOKE, *o]) for o in jobs]
     assert group_jobs(cfgs) == [[0, 1, 2], [3], [4], [5, 10], [6], [7], [8], [9], [11]]
 
 
@@ -174,7 +167,7 @@ def run_alone(overrides: list[str], out_dir: Path) -> dict:
     """The basic path: naclip.run.evaluate of one job with its Hydra config, as the Hydra app calls it."""
     from naclip.run import evaluate
 
-    cfg = compose_run(overrides, hydra_cfg=True)
+    cfg = compose_config(overrides, hydra_config=True)
     HydraConfig.instance().set_config(cfg)
     with open_dict(cfg):
         del cfg["hydra"]
@@ -187,7 +180,7 @@ def test_group_evaluation_equals_each_job_alone(tmp_path):
     sweep = [["attention.sigma=2"], ["attention.sigma=8"], ["attention=kk_sim", "arch=vanilla"], ["refine=pamr"]]
     alone = [run_alone([*SMOKE, *o], tmp_path / str(i)) for i, o in enumerate(sweep)]
     assert len({r["miou"] for r in alone}) > 1  # the jobs' numbers differ, so a mixed-up head would show
-    done = evaluate_group([compose_run([*SMOKE, *o]) for o in sweep])
+    done = evaluate_group([compose_config([*SMOKE, *o]) for o in sweep])
     for want, got in zip(alone, done.outcomes, strict=True):
         assert got.error is None
         assert got.scores["miou"] == want["miou"]
@@ -199,7 +192,8 @@ def test_group_evaluation_equals_each_job_alone(tmp_path):
 def test_a_job_whose_segmenter_cannot_be_built_fails_alone(tmp_path):
     from naclip.sweep import evaluate_group
 
-    cfgs = [compose_run([*SMOKE, "attention.sigma=2"]), compose_run([*SMOKE, "refine=pamr", "refine.dilations=[]"])]
+    broken = ["refine=pamr", "refine.dilations=[]"]
+    cfgs = [compose_config([*SMOKE, "attention.sigma=2"]), compose_config([*SMOKE, *broken])]
     want = run_alone([*SMOKE, "attention.sigma=2"], tmp_path / "a")
     done = evaluate_group(cfgs)
     assert done.outcomes[0].scores["miou"] == want["miou"]

@@ -17,6 +17,7 @@ import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
+from composing import compose_config
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
@@ -346,13 +347,6 @@ def _clean_hydra(tmp_path, monkeypatch):
     GlobalHydra.instance().clear()
 
 
-def compose_run(overrides: list[str]):
-    config.register()
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=config.config_dir(), version_base="1.3"):
-        return compose("config", overrides=overrides)
-
-
 KEYS = ("short_side", "slide_crop", "slide_stride", "logit_scale", "prob_thd", "area_thd")
 BACKGROUND = ("voc21", "pc60", "coco_object")
 PROTOCOLS = {  # GEM: its code's 448 input everywhere; CLIP Surgery: the datasets' own (NACLIP's) values
@@ -374,7 +368,7 @@ PROTOCOLS = {  # GEM: its code's 448 input everywhere; CLIP Surgery: the dataset
 @pytest.mark.parametrize("dataset", BENCHMARKS)
 @pytest.mark.parametrize("method", ["gem", "clip_surgery"])
 def test_protocol_per_dataset(method, dataset):
-    cfg = compose_run([f"method={method}", f"dataset={dataset}"])
+    cfg = compose_config([f"method={method}", f"dataset={dataset}"])
     config.validate(cfg)
     assert tuple(cfg.dataset[k] for k in KEYS) == pytest.approx(PROTOCOLS[method][dataset])
     assert cfg.dataset.protocol == method and cfg.dataset.class_names == dataset
@@ -382,25 +376,25 @@ def test_protocol_per_dataset(method, dataset):
 
 
 def test_config_options_reach_the_method(b32):
-    cfg = compose_run(["method=gem", "gem.depth=4", "gem.iterations=2", "gem.temperature=2.5"])
+    cfg = compose_config(["method=gem", "gem.depth=4", "gem.iterations=2", "gem.temperature=2.5"])
     name, options = config.method_spec(cfg)
     assert (name, options) == ("gem", {"depth": 4, "iterations": 2, "temperature": 2.5})
     method = build_method(name, DenseEncoder(b32), **options)
     assert (method.first, method.iterations, method.temperature) == (12 - 3, 2, 2.5)
-    assert config.method_spec(compose_run(["method=clip_surgery", "clip_surgery.depth=3"])) == (
+    assert config.method_spec(compose_config(["method=clip_surgery", "clip_surgery.depth=3"])) == (
         "clip_surgery",
         {"depth": 3},
     )
-    assert config.method_spec(compose_run(["method=sclip"])) == (None, {})
+    assert config.method_spec(compose_config(["method=sclip"])) == (None, {})
 
 
 def test_option_typos_and_stray_method_options_fail():
     with pytest.raises(Exception, match="dept"):
-        compose_run(["method=gem", "gem.dept=3"])
-    cfg = compose_run(["method=gem", "+method_options.depth=3"])
+        compose_config(["method=gem", "gem.dept=3"])
+    cfg = compose_config(["method=gem", "+method_options.depth=3"])
     with pytest.raises(ValueError, match=r"takes its options from `gem\.\*`"):
         config.validate(cfg)
-    cfg = compose_run(["method=naclip", "+method_options.depth=3"])
+    cfg = compose_config(["method=naclip", "+method_options.depth=3"])
     with pytest.raises(ValueError, match="method_options given but method 'naclip' is not registered"):
         config.validate(cfg)
 
@@ -489,8 +483,8 @@ def test_fused_launcher_groups_the_methods_with_their_backbone():
 
     base = ["dataset=pc59", "protocol=shared"]
     keys = {
-        group_key(compose_run([*base, *extra]))
+        group_key(compose_config([*base, *extra]))
         for extra in (["method=naclip"], ["method=gem", "gem.depth=4"], ["method=clip_surgery"], ["method=gem"])
     }
     assert len(keys) == 1
-    assert group_key(compose_run(["dataset=pc59", "method=gem"])) not in keys  # GEM's own protocol: other crops
+    assert group_key(compose_config(["dataset=pc59", "method=gem"])) not in keys  # GEM's own protocol: other crops

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from composing import compose_config
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
@@ -265,13 +266,6 @@ def _clean_hydra(tmp_path, monkeypatch):
     GlobalHydra.instance().clear()
 
 
-def compose_run(overrides: list[str]):
-    config.register()
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=config.config_dir(), version_base="1.3"):
-        return compose("config", overrides=overrides)
-
-
 def protocol_of(cfg) -> tuple:
     return tuple(cfg.dataset[key] for key in KEYS)
 
@@ -280,12 +274,12 @@ def protocol_of(cfg) -> tuple:
 @pytest.mark.parametrize("method", list(PRESETS))
 def test_method_presets_resolve_the_published_protocol(method, dataset):
     att, arch, protocols, source = PRESETS[method]
-    cfg = compose_run([f"method={method}", f"dataset={dataset}"])
+    cfg = compose_config([f"method={method}", f"dataset={dataset}"])
     config.validate(cfg)
     assert (cfg.method, cfg.attention.name, cfg.arch.name) == (method, att, arch)
     assert protocol_of(cfg) == pytest.approx(protocols[dataset])
     assert cfg.dataset.protocol == source
-    shared = compose_run([f"method={method}", f"dataset={dataset}", "protocol=shared"])
+    shared = compose_config([f"method={method}", f"dataset={dataset}", "protocol=shared"])
     assert protocol_of(shared) == pytest.approx(NACLIP[dataset]) and shared.dataset.protocol == "dataset"
     assert (shared.attention.name, shared.arch.name) == (att, arch)
     assert (cfg.dataset.pad_crops, shared.dataset.pad_crops) == (method == "clearclip", False)
@@ -333,9 +327,9 @@ def test_plain_command_line_of_each_method_validates(method, dataset):
 
 
 def test_default_method_is_naclip_and_command_line_wins():
-    cfg = compose_run([])
+    cfg = compose_config([])
     assert (cfg.method, cfg.attention.name, cfg.arch.name) == ("naclip", "full", "reduced")
-    cfg = compose_run(["method=sclip", "dataset=voc21", "attention=full", "arch=reduced", "dataset.logit_scale=30"])
+    cfg = compose_config(["method=sclip", "dataset=voc21", "attention=full", "arch=reduced", "dataset.logit_scale=30"])
     assert (cfg.attention.name, cfg.attention.sigma, cfg.arch.name) == ("full", 5.0, "reduced")
     assert cfg.dataset.logit_scale == 30.0 and cfg.dataset.area_thd == 0.1  # the rest of SCLIP's protocol stays
 
@@ -355,7 +349,7 @@ def test_methods_table_presets_agree_with_the_configs():
     for method, spec in METHODS.items():
         if spec.attention is None:  # registered methods (tests/test_gem_surgery.py and their own tests)
             continue
-        cfg = compose_run([f"method={method}"])
+        cfg = compose_config([f"method={method}"])
         assert (cfg.attention.name, cfg.arch.name) == (spec.attention, spec.arch)
         assert spec.protocol == PRESETS[method][3]
 
@@ -420,7 +414,7 @@ def test_registered_variant_is_a_builtin_in_every_way(b32, scratch_variant):
         naclip.register_attention("qk_sum_test", qk_sum, uses_sigma=True)
     with pytest.raises(ValueError, match="already registered"):
         naclip.register_attention("full", qk_sum, uses_sigma=True)
-    cfg = compose_run(["attention=full", "attention.name=qk_sum_test", "attention.sigma=null"])
+    cfg = compose_config(["attention=full", "attention.name=qk_sum_test", "attention.sigma=null"])
     with pytest.raises(ValueError, match=r"attention\.sigma must be a positive number"):
         config.validate(cfg)
     # default weights (fn with v = identity) equal the explicit formula
@@ -453,7 +447,7 @@ def test_registered_weights_and_row_sum_are_what_figures_draw(b32, scratch_varia
 
 
 def test_unknown_plugin_module_is_one_clear_error():
-    cfg = compose_run(["plugins=[surely_not_a_module_xyz]"])
+    cfg = compose_config(["plugins=[surely_not_a_module_xyz]"])
     with pytest.raises(ValueError, match="plugins: cannot import 'surely_not_a_module_xyz'"):
         config.validate(cfg)
 

@@ -21,12 +21,10 @@ import open_clip
 import pytest
 import reference_pipeline as ref
 import torch
-from composing import job_config
-from hydra import compose, initialize_config_dir
+from composing import compose_config, job_config
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
-from naclip import config
 from naclip.data.synthetic import make_sample  # the data, not the pipeline: generated scenes
 
 # seed 3 draws random ViT-B/32 weights that predict two of the four synthetic classes with partial overlaps
@@ -71,15 +69,6 @@ def reference_ious(cfg: Any, samples: list[tuple[np.ndarray, np.ndarray]], names
     return ref.iou_percent(preds, [label for _, label in samples], len(names), data.ignore_index)
 
 
-def compose_plain(overrides: list[str]) -> Any:
-    config.register()
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=config.config_dir(), version_base="1.3"):
-        cfg = compose("config", overrides=overrides)
-    GlobalHydra.instance().clear()
-    return cfg
-
-
 def synthetic_samples(cfg: Any) -> list[tuple[np.ndarray, np.ndarray]]:
     height, width = cfg.dataset.image_size
     return [make_sample(cfg.dataset.seed, i, height, width) for i in range(cfg.dataset.num_images)]
@@ -119,7 +108,7 @@ def test_synthetic_slide_run_equals_plain_pipeline(work: Path, extra: list[str],
     names_file.write_text("".join(f"{n[0]}\n" for n in names), encoding="utf-8")
     overrides = [*SYNTHETIC, *extra, f"dataset.class_names={names_file}", f"text_cache_dir={work / 'cache'}"]
     monkeypatch.setenv("NACLIP_OUTPUT", str(work / "outputs"))
-    cfg = compose_plain(overrides)
+    cfg = compose_config(overrides)
     expected = reference_ious(cfg, synthetic_samples(cfg), names)
     assert sum(v is not None and v > 0 for v in expected) >= 2, expected  # several classes predicted: informative
     result = evaluate_in_process(overrides, work / ("pamr" if extra else "slide"))

@@ -11,8 +11,7 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
+from composing import compose_config
 
 from naclip import FusedSegmenter, Segmenter, config
 from naclip.clip import OPENAI_MEAN, OPENAI_STD
@@ -318,16 +317,6 @@ def test_fused_variants_equal_alone_and_share_one_proxy_pass(b16, tiny, monkeypa
 # ---------------------------------------------------------------- configuration and offline weights
 
 
-def compose_run(overrides: list[str]):
-    config.register()
-    GlobalHydra.instance().clear()
-    try:
-        with initialize_config_dir(config_dir=config.config_dir(), version_base="1.3"):
-            return compose("config", overrides=overrides)
-    finally:
-        GlobalHydra.instance().clear()
-
-
 @pytest.mark.parametrize(
     ("method", "dataset", "expected"),
     [
@@ -341,7 +330,7 @@ def compose_run(overrides: list[str]):
     ],
 )
 def test_method_presets_select_their_proxy_and_protocol(method, dataset, expected):
-    cfg = compose_run([f"method={method}", f"dataset={dataset}"])
+    cfg = compose_config([f"method={method}", f"dataset={dataset}"])
     config.validate(cfg)
     d = cfg.dataset
     assert (d.short_side, d.slide_crop, d.slide_stride, d.logit_scale, d.prob_thd, d.class_names) == expected
@@ -354,13 +343,13 @@ def test_method_presets_select_their_proxy_and_protocol(method, dataset, expecte
 def test_every_listed_proxy_is_a_timm_model_with_weights():
     assert list_proxies()[0] == "none"
     for name in list_proxies()[1:]:
-        cfg = compose_run(["method=proxyclip", f"proxy={name}"])
+        cfg = compose_config(["method=proxyclip", f"proxy={name}"])
         assert cfg.proxy.model in timm.list_pretrained() and cfg.proxy.pretrained == "timm"
 
 
 def test_a_proxy_with_a_clip_only_method_is_refused():
     with pytest.raises(ValueError, match="proxy=dino_b8 is used only by"):
-        config.validate(compose_run(["proxy=dino_b8"]))
+        config.validate(compose_config(["proxy=dino_b8"]))
 
 
 def test_offline_proxy_weights_fail_fast_naming_proxy_pretrained(tmp_path, monkeypatch):

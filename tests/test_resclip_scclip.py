@@ -12,8 +12,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
+from composing import compose_config
 
 from naclip import FusedSegmenter, Segmenter, config
 
@@ -398,21 +397,11 @@ SCCLIP.update(
 )
 
 
-def compose_run(overrides: list[str]):
-    config.register()
-    GlobalHydra.instance().clear()
-    try:
-        with initialize_config_dir(config_dir=config.config_dir(), version_base="1.3"):
-            return compose("config", overrides=overrides)
-    finally:
-        GlobalHydra.instance().clear()
-
-
 @pytest.mark.parametrize("dataset", BENCHMARKS)
 @pytest.mark.parametrize("method", ["resclip", "scclip"])
 @torch.no_grad()
 def test_protocol_files_reach_the_segmenter(b32, text_cache, method, dataset):
-    cfg = compose_run([f"method={method}", f"dataset={dataset}", f"text_cache_dir={text_cache}"])
+    cfg = compose_config([f"method={method}", f"dataset={dataset}", f"text_cache_dir={text_cache}"])
     config.validate(cfg)
     assert cfg.method == method and cfg.dataset.protocol == method
     if method == "resclip":
@@ -455,15 +444,15 @@ def test_class_name_files_are_the_authors():
 
 
 def test_method_options_are_checked_early():
-    cfg = compose_run(["method=resclip", "dataset=ade", "resclip.base=sclip", "dataset.logit_scale=33"])
+    cfg = compose_config(["method=resclip", "dataset=ade", "resclip.base=sclip", "dataset.logit_scale=33"])
     assert config.method_spec(cfg)[1]["base"] == "sclip"
     assert config.method_spec(cfg)[1]["logit_scale"] == 33.0  # the first pass follows the protocol's temperature
     with pytest.raises(Exception, match=r"resclip\.bsae"):
-        compose_run(["method=resclip", "resclip.bsae=sclip"])
+        compose_config(["method=resclip", "resclip.bsae=sclip"])
     with pytest.raises(Exception, match=r"scclip\.res_cls"):
-        compose_run(["method=scclip", "scclip.res_cls=high"])
+        compose_config(["method=scclip", "scclip.res_cls=high"])
     # the node is always there (a sweep `method=resclip,naclip resclip.base=sclip` composes); only resclip reads it
-    other = compose_run(["method=naclip", "resclip.base=sclip"])
+    other = compose_config(["method=naclip", "resclip.base=sclip"])
     assert other.resclip.base == "sclip" and config.method_spec(other) == (None, {})
 
 
@@ -472,7 +461,7 @@ def test_fused_sweeps_share_the_trunk_across_method_options():
 
     common = ["dataset=ade", "backbone=b32"]
     keys = {
-        group_key(compose_run([*common, *extra]))
+        group_key(compose_config([*common, *extra]))
         for extra in (
             ["method=resclip"],
             ["method=resclip", "resclip.base=sclip"],
@@ -481,7 +470,7 @@ def test_fused_sweeps_share_the_trunk_across_method_options():
         )
     }
     assert len(keys) == 1  # the ADE protocols of all three share windows and resize: one pass for all
-    assert group_key(compose_run([*common, "method=scclip", "dataset.slide_stride=64"])) not in keys
+    assert group_key(compose_config([*common, "method=scclip", "dataset.slide_stride=64"])) not in keys
 
 
 def test_bad_options_are_one_clear_error(b32):

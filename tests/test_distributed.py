@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import socket
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ from composing import job_config
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.errors import ConfigCompositionException
+from processes import run_python
 
 from naclip import config
 from naclip.run import setup_distributed, shard_indices
@@ -38,23 +38,6 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _run(args: list[str], root: Path) -> subprocess.CompletedProcess[str]:
-    """Run a Python module in `root` with caches and default outputs kept there; fail with its stderr."""
-    env = {
-        **os.environ,
-        "NACLIP_CACHE": str(root / "cache"),
-        "NACLIP_OUTPUT": str(root / "outputs"),
-        "OMP_NUM_THREADS": "1",  # torchrun sets this per rank; the same kernels everywhere keep results bitwise
-        "WANDB_MODE": "offline",
-        "HF_DATASETS_OFFLINE": "1",
-    }
-    proc = subprocess.run(
-        [sys.executable, *args], cwd=root, env=env, capture_output=True, text=True, check=False
-    )
-    assert proc.returncode == 0, f"{' '.join(args)} exited {proc.returncode}:\n{proc.stderr[-3000:]}"
-    return proc
-
-
 def _result(folder: Path) -> dict[str, Any]:
     return json.loads((folder / "result.json").read_text())
 
@@ -68,7 +51,7 @@ def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def single(work: Path) -> dict[str, Any]:
     """One process, one image per step: the reference the other runs must reproduce."""
-    _run(["-m", "naclip.run", *ODD, "batch_size=1", f"hydra.run.dir={work / 'b'}"], work)
+    run_python(["-m", "naclip.run", *ODD, "batch_size=1", f"hydra.run.dir={work / 'b'}"], work)
     result = _result(work / "b")
     assert sum(iou > 0 for iou in result["per_class_iou"].values()) == 4, result["per_class_iou"]
     return result
@@ -239,7 +222,8 @@ def test_torchrun_two_ranks_match_one_process_on_odd_count(work: Path, single: d
     port = _free_port()
     args = ["-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}"]
     # force: the reference run in the sibling folder b holds a finished result for this same config
-    proc = _run([*args, "-m", "naclip.run", *ODD, "batch_size=1", "force=true", f"hydra.run.dir={work / 'a'}"], work)
+    run = [*args, "-m", "naclip.run", *ODD, "batch_size=1", "force=true", f"hydra.run.dir={work / 'a'}"]
+    proc = run_python(run, work)
     ranked = _result(work / "a")
 
     assert (ranked["world_size"], single["world_size"]) == (2, 1)
@@ -260,7 +244,7 @@ def test_torchrun_two_ranks_match_one_process_on_odd_count(work: Path, single: d
 def test_batched_images_match_one_at_a_time(work: Path, single: dict[str, Any]) -> None:
     # 5 images in batches of 3 and 2: crops of several images share encoder forwards, and a short last batch
     # force: batch size is not part of the result config, so b's finished result would be reused instead
-    _run(["-m", "naclip.run", *ODD, "batch_size=3", "force=true", f"hydra.run.dir={work / 'c'}"], work)
+    run_python(["-m", "naclip.run", *ODD, "batch_size=3", "force=true", f"hydra.run.dir={work / 'c'}"], work)
     batched = _result(work / "c")
     assert batched["num_images"] == 5
     assert batched["per_class_iou"] == single["per_class_iou"]
@@ -290,7 +274,7 @@ def test_submitit_local_sweep_finishes_then_skips_then_forces(tmp_path: Path) ->
         assert len(list(sweep.rglob("result.json"))) == len(found)  # nothing written outside the job folders
         return found
 
-    _run(command, tmp_path)
+    run_python(command, tmp_path)
     first = results()
     assert sorted(r["config"]["attention"]["name"] for r in first.values()) == ["full", "kk_sim"]
     for folder, result in first.items():
@@ -299,10 +283,10 @@ def test_submitit_local_sweep_finishes_then_skips_then_forces(tmp_path: Path) ->
     full, kk_sim = sorted(first.values(), key=lambda r: r["config"]["attention"]["name"])
     assert full["per_class_iou"] != kk_sim["per_class_iou"]  # the swept value reached each job
 
-    _run(command, tmp_path)
+    run_python(command, tmp_path)
     assert results() == first  # both skipped: files untouched, finished_at unchanged
 
-    _run([*command, "force=true"], tmp_path)
+    run_python([*command, "force=true"], tmp_path)
     forced = results()
     assert forced.keys() == first.keys()  # force is left out of the folder name: same jobs, same folders
     for folder, result in forced.items():
@@ -313,7 +297,7 @@ def test_submitit_local_sweep_finishes_then_skips_then_forces(tmp_path: Path) ->
 @pytest.mark.slow
 def test_submitit_job_with_two_tasks_is_one_distributed_evaluation(work: Path, single: dict[str, Any]) -> None:
     sweep = work / "tasks"
-    _run(
+    run_python(
         [
             "-m", "naclip.run", "-m", "hydra/launcher=submitit_local", *ODD, "batch_size=1",
             f"hydra.sweep.dir={sweep}", "hydra.launcher.timeout_min=10", "hydra.launcher.cpus_per_task=1",

@@ -12,6 +12,7 @@ import timm
 import torch
 import torch.nn.functional as F
 from composing import compose_config
+from processes import run_python
 
 from naclip import FusedSegmenter, Segmenter, config
 from naclip.clip import OPENAI_MEAN, OPENAI_STD
@@ -413,23 +414,10 @@ def test_method_attention_maps_draw_the_proxy_guided_attention(b32, tiny):
 def _run_module(args: list[str], root, port: int | None = None) -> dict:
     """`python [-m torch.distributed.run ...] -m naclip.run args` in `root`; its result.json."""
     import json
-    import os
-    import subprocess
-    import sys
 
-    env = {
-        **os.environ,
-        "NACLIP_CACHE": str(root / "cache"),
-        "NACLIP_OUTPUT": str(root / "outputs"),
-        "OMP_NUM_THREADS": "1",  # torchrun sets this per rank; the same kernels everywhere keep results bitwise
-        "WANDB_MODE": "offline",
-        "HF_DATASETS_OFFLINE": "1",
-    }
     launcher = [] if port is None else ["-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}"]
     out = root / ("ranked" if port else "single")
-    cmd = [sys.executable, *launcher, "-m", "naclip.run", *args, f"hydra.run.dir={out}"]
-    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, check=False)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_python([*launcher, "-m", "naclip.run", *args, f"hydra.run.dir={out}"], root)
     return json.loads((out / "result.json").read_text())
 
 

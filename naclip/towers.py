@@ -164,10 +164,26 @@ class OpenClipTower(Tower):
         return visual.ln_pre(visual.patch_dropout(x)), grid
 
     def run_block(self, x: Tensor, block: int) -> Tensor:
+        """One block as OpenAI's CLIP code runs it: sequence-first attention through
+        ``F.multi_head_attention_forward``, bit for bit the published methods' trunks.
+
+        A batch-first ``nn.MultiheadAttention`` at inference takes torch's fused fast path, whose rounding differs
+        in the last bit; methods with discrete steps (CASS's head pairing) can flip on that difference.
+        """
         blk = self.blocks[block]
-        if getattr(self.visual.transformer, "batch_first", True):
-            return blk(x)
-        return blk(x.transpose(0, 1)).transpose(0, 1)
+        attn = blk.attn
+        if not isinstance(attn, nn.MultiheadAttention) or attn.in_proj_weight is None:
+            if getattr(self.visual.transformer, "batch_first", True):
+                return blk(x)
+            return blk(x.transpose(0, 1)).transpose(0, 1)
+        y = blk.ln_1(x).transpose(0, 1).contiguous()  # (N, B, C)
+        out, _ = F.multi_head_attention_forward(
+            *(y, y, y, attn.embed_dim, attn.num_heads, attn.in_proj_weight, attn.in_proj_bias),
+            *(attn.bias_k, attn.bias_v, attn.add_zero_attn, 0.0, attn.out_proj.weight, attn.out_proj.bias),
+            training=False,
+            need_weights=False,
+        )
+        return self.block_tail(x, out.transpose(0, 1), block)
 
     def qkv(self, x: Tensor, block: int) -> tuple[Tensor, Tensor, Tensor]:
         blk = self.blocks[block]

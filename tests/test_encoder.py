@@ -223,6 +223,31 @@ def test_vanilla_reproduces_open_clip_tokens(b16):
     assert_tokens_close(DenseEncoder(b16, "vanilla", "vanilla")(images), ref)
 
 
+def openai_layout_trunk(visual, x: torch.Tensor) -> torch.Tensor:
+    """Blocks 1..L-1 as OpenAI's CLIP code (and every published method's) runs them: tokens sequence-first through
+    a batch_first=False nn.MultiheadAttention holding the same weights (torch's unfused path)."""
+    x = x.transpose(0, 1)  # (N, B, C)
+    for blk in visual.transformer.resblocks[:-1]:
+        attn = torch.nn.MultiheadAttention(blk.attn.embed_dim, blk.attn.num_heads)
+        attn.load_state_dict(blk.attn.state_dict())
+        h = blk.ln_1(x)
+        x = x + attn.eval()(h, h, h, need_weights=False)[0]
+        x = x + blk.mlp(blk.ln_2(x))
+    return x.transpose(0, 1)
+
+
+@pytest.mark.parametrize("size", [(224, 224), (160, 240)])
+def test_trunk_is_bitwise_openai_clip(b16, size):
+    """Bit for bit the authors' trunk at inference, one crop per forward as their code runs it: open_clip's
+    batch-first attention would take torch's fused fast path, a last-bit difference that flips discrete steps
+    downstream (CASS's head pairing). (Batched, the feed-forward GEMMs round differently in any torch code.)"""
+    torch.manual_seed(5)
+    encoder = DenseEncoder(b16, "full", "reduced")
+    with torch.inference_mode():
+        x, _ = encoder.embed(torch.randn(1, 3, *size))
+        assert torch.equal(encoder.trunk(x), openai_layout_trunk(b16.visual, x))
+
+
 def test_model_left_untouched(b16):
     images = torch.randn(1, 3, 224, 224)
     with torch.no_grad():

@@ -91,7 +91,7 @@ def test_trunk_runs_once_per_chunk_for_all_variants(b32, cache):
                                   slide_crop=64, slide_stride=32, crop_batch_size=3)
     blocks = b32.visual.transformer.resblocks
     calls = {"first": 0, "last": 0}
-    hooks = [blocks[0].register_forward_hook(lambda *_: calls.__setitem__("first", calls["first"] + 1)),
+    hooks = [blocks[0].mlp.register_forward_hook(lambda *_: calls.__setitem__("first", calls["first"] + 1)),
              blocks[-1].ln_1.register_forward_hook(lambda *_: calls.__setitem__("last", calls["last"] + 1))]
     try:
         fused.predict_list(images())
@@ -115,7 +115,7 @@ def test_variants_with_different_position_rules_run_one_trunk_pass_per_rule(b32,
     ims = images()
     alone = [variant.logits_list(ims) for variant in fused.variants]
     calls = []
-    hook = b32.visual.transformer.resblocks[0].register_forward_hook(lambda *_: calls.append(1))
+    hook = b32.visual.transformer.resblocks[0].mlp.register_forward_hook(lambda *_: calls.append(1))
     try:
         logits = fused.logits_list(ims)
     finally:

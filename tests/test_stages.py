@@ -103,7 +103,7 @@ def test_fused_runs_the_trunk_once_for_every_method_and_equals_alone(b32):
     replay.method = ReplayFrom(replay.encoder, 6)
     alone = [full.logits_list(images), replay.logits_list(images)]
     calls = []
-    hook = b32.visual.transformer.resblocks[0].register_forward_hook(lambda *_: calls.append(1))
+    hook = b32.visual.transformer.resblocks[0].mlp.register_forward_hook(lambda *_: calls.append(1))
     try:
         fused = FusedSegmenter([full, replay]).logits_list(images)
     finally:

@@ -32,9 +32,9 @@ def proxy_attention(features: Tensor, beta: float, gamma: float) -> Tensor:
     authors' code (it cannot happen for trained proxies: the diagonal is 1 and β·mean stays below 1).
     """
     f = F.normalize(features.flatten(1, 2), dim=-1)  # (n, M, C)
-    sim = f @ f.transpose(1, 2)  # (n, M, M)
-    sim = (sim - sim.mean(dim=(1, 2), keepdim=True) * beta) * gamma
-    sim = sim.masked_fill(sim < 0.0, float("-inf"))
+    sim = f @ f.transpose(1, 2)  # (n, M, M); in place below: one M×M buffer per crop besides the softmax's
+    sim.sub_(sim.mean(dim=(1, 2), keepdim=True) * beta).mul_(gamma)
+    sim.masked_fill_(sim < 0.0, float("-inf"))
     return sim.softmax(dim=-1)
 
 
@@ -77,8 +77,9 @@ class ProxyCLIP(Method):
         n, h, _, d = v.shape
         v = v[:, :, self.encoder.num_prefix_tokens :].reshape(n * h, *state.grid, d).permute(0, 3, 1, 2)
         v = F.interpolate(v, size=(rows, cols), mode="bilinear", align_corners=False)
-        v = v.permute(0, 2, 3, 1).reshape(n, h, rows * cols, d)
-        out = attn[:, None].to(v.dtype) @ v  # (n, h, M, d): one attention for every head
+        v = v.reshape(n, h * d, rows * cols).transpose(1, 2)  # (n, M, h·d): every head's values side by side
+        # one attention for every head: a single (M, M) @ (M, h·d) product, never h broadcast copies of attn
+        out = (attn.to(v.dtype) @ v).reshape(n, rows * cols, h, d).transpose(1, 2)  # (n, h, M, d)
         x = self.encoder.project(self.encoder.attn_proj(out))  # (n, M, D)
         return x.reshape(n, rows, cols, -1)
 

@@ -22,7 +22,7 @@ from naclip.encoder import check_images
 from naclip.segmenter import LogitsAccumulator, Segmenter
 
 # What every variant must share for one trunk pass to serve them all (besides the model itself).
-_SHARED = ("slide_crop", "slide_stride", "pad_crops", "crop_batch_size")
+_SHARED = ("slide_crop", "slide_stride", "pad_crops")
 
 
 class FusedSegmenter(nn.Module):
@@ -32,8 +32,8 @@ class FusedSegmenter(nn.Module):
     and every kernel are the same; only blocks 1..L-1 are run once instead of once per variant.
 
     Args:
-        variants: segmenters built on the same model, with the same slide_crop, slide_stride, pad_crops and
-            crop_batch_size (they may differ in attention, arch, sigma, PAMR, logit_scale, prob_thd, classes).
+        variants: segmenters built on the same model, with the same slide_crop, slide_stride and pad_crops (they
+            may differ in attention, arch, sigma, PAMR, logit_scale, prob_thd, classes, crops per forward).
 
     Raises:
         ValueError: no variants, variants on different models, or different cropping.
@@ -86,32 +86,35 @@ class FusedSegmenter(nn.Module):
     def logits_list(self, images: Sequence[Tensor]) -> list[list[Tensor]]:
         """Cosine logits: result[v][i] is variant v's (Q_v, H, W) logits of image i.
 
-        The trunk runs once per chunk for all variants whose methods resize positions by the same rule (once
-        per distinct ``Method.position_rule``), with the union of their taps; each of those variants' heads
-        reads the same trunk state (and its shared per-chunk cache). Each state is dropped as soon as its
-        variants have run their heads on it, so memory grows with the variants only by their own logits.
+        The trunk runs once per chunk for all variants with the same chunking (``Segmenter.chunk_size``) whose
+        methods resize positions by the same rule (``Method.position_rule``), with the union of their taps; each
+        of those variants' heads reads the same trunk state (and its shared per-chunk cache). Each state is
+        dropped as soon as its variants have run their heads on it, so memory grows with the variants only by
+        their own logits.
         """
         first: Segmenter = self.variants[0]
         for image in images:
             check_images(image[None], first.encoder.patch_size)
-        groups: dict[str | None, list[int]] = {}
+        groups: dict[int, dict[str | None, list[int]]] = {}
         for v, variant in enumerate(self.variants):
-            groups.setdefault(variant.method.position_rule, []).append(v)
-        taps = {
-            rule: functools.reduce(operator.or_, (self.variants[v].taps for v in vs)) for rule, vs in groups.items()
-        }
+            groups.setdefault(variant.chunk_size, {}).setdefault(variant.method.position_rule, []).append(v)
         crops, owners = first.crops(images)
         accumulators = [
             LogitsAccumulator(images, owners, len(v.query_names), first.padded_patch) for v in self.variants
         ]
-        for chunk in first.chunks(crops):
-            batch, wholes = torch.stack([crops[i] for i in chunk]), [images[owners[i][0]] for i in chunk]
-            for rule, members in groups.items():
-                state = self.variants[members[0]].trunk(batch, taps[rule], wholes)  # its method has this rule
-                for v in members:
-                    for i, lg in zip(chunk, self.variants[v].head(state), strict=True):
-                        accumulators[v].add(i, lg)
-                del state
+        for rules in groups.values():
+            taps = {
+                rule: functools.reduce(operator.or_, (self.variants[v].taps for v in vs)) for rule, vs in rules.items()
+            }
+            chunking = self.variants[next(iter(rules.values()))[0]]
+            for chunk in chunking.chunks(crops):
+                batch, wholes = torch.stack([crops[i] for i in chunk]), [images[owners[i][0]] for i in chunk]
+                for rule, members in rules.items():
+                    state = self.variants[members[0]].trunk(batch, taps[rule], wholes)  # its method has this rule
+                    for v in members:
+                        for i, lg in zip(chunk, self.variants[v].head(state), strict=True):
+                            accumulators[v].add(i, lg)
+                    del state
         return [accumulator.result() for accumulator in accumulators]
 
     @torch.no_grad()

@@ -205,14 +205,20 @@ class Segmenter(nn.Module):
                 owners.append((idx, win))
         return crops, owners
 
+    @property
+    def chunk_size(self) -> int:
+        """Crops per encoder forward: ``crop_batch_size``, capped by the method's ``crops_per_forward``."""
+        return min(self.crop_batch_size, self.method.crops_per_forward or self.crop_batch_size)
+
     def chunks(self, crops: Sequence[Tensor]) -> Iterator[list[int]]:
-        """Crop indices of each encoder forward: grouped by shape, at most crop_batch_size per chunk."""
+        """Crop indices of each encoder forward: grouped by shape, at most :attr:`chunk_size` per chunk."""
         by_shape: dict[tuple[int, int], list[int]] = defaultdict(list)
         for i, crop in enumerate(crops):
             by_shape[tuple(crop.shape[-2:])].append(i)
+        size = self.chunk_size
         for indices in by_shape.values():
-            for start in range(0, len(indices), self.crop_batch_size):
-                yield indices[start : start + self.crop_batch_size]
+            for start in range(0, len(indices), size):
+                yield indices[start : start + size]
 
     def _encode_grouped(self, crops: list[Tensor], wholes: Sequence[Tensor]) -> Iterator[tuple[int, Tensor]]:
         """(index, patch-grid logits) of many crops, one chunk per encoder forward; wholes[i]: crop i's image.

@@ -17,8 +17,9 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import open_dict
 
-from naclip import FusedSegmenter, Segmenter, slide_windows
+from naclip import DenseEncoder, FusedSegmenter, Segmenter, slide_windows
 from naclip import config as naclip_config
+from naclip.methods import LastBlock
 
 CONF = Path(naclip_config.config_dir())
 NAMES = ["black background", "red circle", "green square", "blue triangle"]
@@ -125,6 +126,36 @@ def test_variants_with_different_position_rules_run_one_trunk_pass_per_rule(b32,
     for got, want in zip(logits, alone, strict=True):
         assert all(torch.equal(g, w) for g, w in zip(got, want, strict=True))
     assert (logits[1][0] - logits[3][0]).abs().max() > 1e-4  # GEM's two variants differ by their own option
+
+
+class OneCropPerForward(LastBlock):
+    """NACLIP's last block from a method that caps its trunk forwards at one crop (as CASS does)."""
+
+    crops_per_forward = 1
+
+
+def test_variants_with_other_chunking_get_their_own_trunk_passes(b32, cache):
+    """A method's crops_per_forward caps its chunks below crop_batch_size; fused, each chunking gets its own trunk
+    passes and every variant still equals itself alone bit for bit."""
+    common = {"templates": ONE_TEMPLATE, "cache_dir": cache, "slide_crop": 64, "slide_stride": 32}
+    capped = Segmenter(b32, NAMES, crop_batch_size=3, method=OneCropPerForward(DenseEncoder(b32)), **common)
+    variants = [Segmenter(b32, NAMES, crop_batch_size=3, **common), capped,
+                Segmenter(b32, NAMES, crop_batch_size=2, sigma=2.0, **common)]
+    ims = images()
+    crops, _ = capped.crops(ims)
+    assert capped.chunk_size == 1 and all(len(chunk) == 1 for chunk in capped.chunks(crops))
+    one_by_one = Segmenter(b32, NAMES, crop_batch_size=1, **common)
+    alone = [variant.logits_list(ims) for variant in variants]
+    assert all(torch.equal(a, b) for a, b in zip(alone[1], one_by_one.logits_list(ims), strict=True))
+    calls = []
+    hook = b32.visual.transformer.resblocks[0].mlp.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        logits = FusedSegmenter(variants).logits_list(ims)
+    finally:
+        hook.remove()
+    assert len(calls) == math.ceil(8 / 3) + 8 + math.ceil(8 / 2)  # 8 crops of one shape in chunks of 3, 1 and 2
+    for got, want in zip(logits, alone, strict=True):
+        assert all(torch.equal(g, w) for g, w in zip(got, want, strict=True))
 
 
 def test_variants_that_cannot_share_a_pass_are_rejected(b32, b16, cache):

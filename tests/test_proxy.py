@@ -298,6 +298,17 @@ def test_labels_do_not_depend_on_batching(b16, base, method):
 
 
 @pytest.mark.slow
+def test_cass_does_not_depend_on_batching_to_the_last_bit(b16, base):
+    """CASS runs one crop per trunk forward whatever crop_batch_size says: its head pairing can tie exactly, and
+    batched products (two 224² crops) round CLIP's keys differently in the last bit."""
+    image = images((224, 336))
+    common = {"slide_crop": 224, "slide_stride": 112, "method": "cass", "method_options": {"proxy": base}}
+    one = Segmenter(b16, NAMES, crop_batch_size=1, **common).logits_list(image)[0]
+    many = Segmenter(b16, NAMES, crop_batch_size=16, **common).logits_list(image)[0]
+    assert torch.isfinite(one).all() and torch.equal(one, many)
+
+
+@pytest.mark.slow
 def test_fused_variants_equal_alone_and_share_one_proxy_pass(b16, tiny, monkeypatch):
     imgs = images((64, 96))
     variants = [{"beta": 1.2, "gamma": 3.0}, {"beta": 0.8, "gamma": 2.0}]

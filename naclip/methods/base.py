@@ -68,6 +68,9 @@ class Method(nn.Module):
     default, is the family's own rule (NACLIP's for open_clip's ViTs). Fused variants share a trunk pass only
     with variants of the same rule. :attr:`templates` are the prompt templates its authors' code embeds class
     names with, used when the segmenter is given none (None: the 80 OpenAI ImageNet templates).
+    :attr:`crops_per_forward` caps the crops of one trunk forward below the segmenter's ``crop_batch_size``
+    (None: no cap), for a method whose discrete steps must see its authors' per-crop arithmetic to the last bit
+    (batched matrix products round differently).
 
     Args:
         encoder: the tower's stages (embedding, blocks, q/k/v, projection) the method computes with.
@@ -76,6 +79,7 @@ class Method(nn.Module):
     taps: Taps = Taps()
     position_rule: str | None = None
     templates: tuple[Template, ...] | None = None
+    crops_per_forward: int | None = None
 
     def __init__(self, encoder: DenseEncoder) -> None:
         super().__init__()

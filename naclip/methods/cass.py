@@ -46,6 +46,9 @@ SVD_RANK = 10  # the authors' energy search always stops at its first rank (the 
 # before the evaluation), one draw per head pair in head order. Seeding it with 42 per crop, in a forked RNG state,
 # gives each crop the authors' draws for a crop evaluated right after that seed, independent of batching.
 SVD_SEED = 42
+# The head pairing often ties exactly on random weights (equal total costs); batched trunk products round the keys
+# differently in the last bit and tip such ties, so the trunk runs one crop per forward, as the authors' code.
+CROPS_PER_FORWARD = 1
 
 
 def proxy_pixels(crop: Tensor, size: int | None = None) -> Tensor:
@@ -179,6 +182,8 @@ class CASS(Method):
         proxy_size: resize the proxy's input to this square (518 for DINOv2 in the authors' code); None = the
             crop's short side (DINO).
     """
+
+    crops_per_forward = CROPS_PER_FORWARD
 
     def __init__(
         self,

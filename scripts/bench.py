@@ -833,10 +833,13 @@ def bench_proxy(args: argparse.Namespace) -> dict[str, Any]:
             model, names, slide_crop=crop, slide_stride=stride, method=method, method_options={"proxy": proxy}
         ).to(device)
     crops = torch.randn(profile["proxy_crops"], 3, crop, crop, device=device)
+
+    def forward(segmenter: Segmenter) -> list[torch.Tensor]:
+        """The crops as the segmenter's own chunks go through it (CASS: one crop per trunk forward)."""
+        return [segmenter.patch_logits(crops[chunk]) for chunk in segmenter.chunks(list(crops))]
+
     with torch.inference_mode():
-        times = time_interleaved(
-            {k: (lambda s=s: s.patch_logits(crops)) for k, s in segmenters.items()}, args.repeats, 1, sync
-        )
+        times = time_interleaved({k: (lambda s=s: forward(s)) for k, s in segmenters.items()}, args.repeats, 1, sync)
     base = times["clip alone (naclip)"]
     rows = []
     for name, seconds in times.items():
@@ -865,7 +868,7 @@ def bench_proxy(args: argparse.Namespace) -> dict[str, Any]:
         "precision": args.precision,
         "proxy": args.proxy,
         "crop": crop,
-        "crops_per_forward": profile["proxy_crops"],
+        "crops": profile["proxy_crops"],
         "repeats": args.repeats,
         "time": rows,
         "memory": memory,
@@ -875,7 +878,7 @@ def bench_proxy(args: argparse.Namespace) -> dict[str, Any]:
 def format_proxy(result: dict[str, Any]) -> list[str]:
     lines = [
         f"proxy {result['proxy']} on {result['device']} ({result['precision']}), {result['crop']}² crops, "
-        f"{result['crops_per_forward']} per forward:",
+        f"{result['crops']} per call, in each method's own chunks (CASS: one crop per trunk forward):",
     ]
     for row in result["time"]:
         lines.append(

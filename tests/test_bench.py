@@ -130,3 +130,25 @@ def test_quick_run_writes_complete_json(tmp_path):
     memory = result["memory"]
     assert memory["model"] == "ViT-B-32" and memory["classes"] == 19
     assert memory["peak_mb"] > 0 and memory["peak_mb"] >= memory["baseline_mb"] - 1
+
+
+@pytest.mark.slow
+def test_quick_proxy_run_times_both_methods_and_measures_their_memory(tmp_path):
+    out = tmp_path / "proxy.json"
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--quick", "--proxy-only", "--repeats", "1", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(out.read_text())["proxy"]
+    assert result["proxy"] == "dino_b8" and result["crop"] == 224 and result["crops"] == 2
+    assert [row["method"] for row in result["time"]] == ["clip alone (naclip)", "proxyclip", "cass"]
+    assert result["time"][0]["ratio"] == 1.0
+    assert all(row["per_crop_ms"] > 0 and row["ratio"] > 0 for row in result["time"])
+    assert [row["method"] for row in result["memory"]] == ["naclip", "proxyclip", "cass"]
+    for row in result["memory"]:
+        assert row["image_size"] == [224, 448] and row["crops"] == 3  # 224×448 in 224² windows, stride 112
+        assert row["peak_mb"] > 0 and row["peak_mb"] >= row["baseline_mb"] - 1
+    assert "ms/crop" in proc.stdout and "x CLIP alone" in proc.stdout

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, open_dict
 
 from naclip import config
@@ -21,10 +25,20 @@ def compose_config(overrides: list[str], *, hydra_config: bool = False) -> DictC
         GlobalHydra.instance().clear()
 
 
-def job_config(overrides: list[str]) -> DictConfig:
-    """A job's config as the runner's task function gets it: `HydraConfig` set, the `hydra` node left out."""
+def job_config(overrides: list[str], *, mode: RunMode | None = None) -> DictConfig:
+    """A job's config as the runner's task function gets it: `HydraConfig` set (run or multirun `mode` when
+    given), the `hydra` node left out."""
     cfg = compose_config(overrides, hydra_config=True)
+    if mode is not None:
+        cfg.hydra.mode = mode
     HydraConfig.instance().set_config(cfg)
     with open_dict(cfg):
         del cfg["hydra"]
     return cfg
+
+
+def evaluate_job(overrides: list[str], out_dir: Path, *, mode: RunMode | None = None) -> dict[str, Any]:
+    """naclip.run's evaluate of one job in this process, with the config the Hydra app would give it."""
+    from naclip.run import evaluate
+
+    return evaluate(job_config(overrides, mode=mode), out_dir)

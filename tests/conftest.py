@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -39,3 +40,16 @@ def isolated_env(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     yield
     GlobalHydra.instance().clear()
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    """One text-classifier cache per test module, shared by its tests and the runs they start: each class list
+    goes through the text tower once per module."""
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture
+def isolated_cached(isolated_env, monkeypatch, cache):
+    """`isolated_env` with the module's shared text cache."""
+    monkeypatch.setenv("NACLIP_CACHE", str(cache))

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import os
+import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def run_python(args: list[str], root: Path) -> subprocess.CompletedProcess[str]:
@@ -21,3 +27,23 @@ def run_python(args: list[str], root: Path) -> subprocess.CompletedProcess[str]:
     proc = subprocess.run([sys.executable, *args], cwd=root, env=env, capture_output=True, text=True, check=False)
     assert proc.returncode == 0, f"{' '.join(args)} exited {proc.returncode}:\n{proc.stderr[-3000:]}"
     return proc
+
+
+def readme_blocks(marker: str) -> dict[str, str]:
+    """The README's code blocks that follow a `<!-- marker:name -->` line, by name, as a user would copy them."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    return dict(re.findall(rf"<!-- {re.escape(marker)}:(\S+) -->\n```\w*\n(.*?)```", text, flags=re.S))
+
+
+def run_readme_example(blocks: dict[str, str], root: Path) -> dict[str, Any]:
+    """Writes the README's files (every block but `run`) into `root`, runs its `run` command there as it stands
+    and returns the one job's result.json: the example works from a fresh folder without touching naclip."""
+    files = dict(blocks)
+    argv = shlex.split(files.pop("run").replace("\\\n", " "))
+    assert argv[:3] == ["python", "-m", "naclip.run"], argv
+    for rel, body in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(body)
+    run_python(argv[1:], root)
+    (result_file,) = (root / "outputs").rglob("result.json")
+    return json.loads(result_file.read_text())

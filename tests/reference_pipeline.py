@@ -207,20 +207,21 @@ def whole_logits(model: torch.nn.Module, classifier: Tensor, image: Tensor, **me
     return upsample(cosine_logits(model, classifier, image, **method), tuple(image.shape[-2:]))
 
 
+def window_starts(size: int, crop: int, stride: int) -> list[int]:
+    """mmseg's slide windows along one side: every `stride`, the last one flush with the edge."""
+    count = max(size - crop + stride - 1, 0) // stride + 1
+    return [max(min(i * stride + crop, size) - crop, 0) for i in range(count)]
+
+
 def slide_logits(
     model: torch.nn.Module, classifier: Tensor, image: Tensor, crop: int, stride: int, **method: object
 ) -> Tensor:
     """(Q, H, W): mmseg "slide" inference, one crop at a time, each upsampled to its window, overlaps averaged."""
     _, height, width = image.shape
-
-    def starts(size: int) -> list[int]:
-        count = max(size - crop + stride - 1, 0) // stride + 1
-        return [max(min(i * stride + crop, size) - crop, 0) for i in range(count)]
-
     total = torch.zeros(classifier.shape[0], height, width)
     count = torch.zeros(height, width)
-    for y in starts(height):
-        for x in starts(width):
+    for y in window_starts(height, crop, stride):
+        for x in window_starts(width, crop, stride):
             y2, x2 = min(y + crop, height), min(x + crop, width)
             window = image[:, y:y2, x:x2]
             total[:, y:y2, x:x2] += upsample(cosine_logits(model, classifier, window, **method), (y2 - y, x2 - x))
@@ -235,15 +236,10 @@ def padded_slide_logits(
     zero canvas of whole patches (half the margin before it, rounded down, the rest after); the canvas's patch
     logits are upsampled to the canvas and the window's own pixels cut out; overlaps averaged."""
     _, height, width = image.shape
-
-    def starts(size: int) -> list[int]:
-        count = max(size - crop + stride - 1, 0) // stride + 1
-        return [max(min(i * stride + crop, size) - crop, 0) for i in range(count)]
-
     total = torch.zeros(classifier.shape[0], height, width)
     count = torch.zeros(height, width)
-    for y in starts(height):
-        for x in starts(width):
+    for y in window_starts(height, crop, stride):
+        for x in window_starts(width, crop, stride):
             h, w = min(y + crop, height) - y, min(x + crop, width) - x
             margin_h, margin_w = (patch - h % patch) % patch, (patch - w % patch) % patch
             top, left = margin_h // 2, margin_w // 2

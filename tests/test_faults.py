@@ -17,12 +17,6 @@ from PIL import Image
 from naclip import config
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory) -> Path:
-    """One text-classifier cache for the module: each class list goes through the text tower once."""
-    return tmp_path_factory.mktemp("cache")
-
-
 def _predict_cfg(cache: Path, *overrides: str):
     config.register()
     with initialize_config_dir(config_dir=config.config_dir(), version_base="1.3"):

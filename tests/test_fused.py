@@ -12,10 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from composing import compose_config
+from composing import compose_config, evaluate_job
 from hydra.core.global_hydra import GlobalHydra
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import open_dict
 
 from naclip import DenseEncoder, FusedSegmenter, Segmenter, slide_windows
 from naclip import config as naclip_config
@@ -39,19 +37,7 @@ VARIANTS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory) -> Path:
-    """One text-classifier cache for the module: every job and subprocess builds the classifier once."""
-    return tmp_path_factory.mktemp("cache")
-
-
-@pytest.fixture(autouse=True)
-def _isolated(tmp_path, monkeypatch, cache):
-    monkeypatch.setenv("NACLIP_OUTPUT", str(tmp_path / "outputs"))
-    monkeypatch.setenv("NACLIP_CACHE", str(cache))
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    yield
-    GlobalHydra.instance().clear()
+pytestmark = pytest.mark.usefixtures("isolated_cached")
 
 
 def images() -> list[torch.Tensor]:
@@ -194,22 +180,11 @@ def test_grouping_by_shared_work():
     assert group_jobs(cfgs) == [[0, 1, 2], [3], [4], [5, 10], [6], [7], [8], [9], [11]]
 
 
-def run_alone(overrides: list[str], out_dir: Path) -> dict:
-    """The basic path: naclip.run.evaluate of one job with its Hydra config, as the Hydra app calls it."""
-    from naclip.run import evaluate
-
-    cfg = compose_config(overrides, hydra_config=True)
-    HydraConfig.instance().set_config(cfg)
-    with open_dict(cfg):
-        del cfg["hydra"]
-    return evaluate(cfg, out_dir)
-
-
 def test_group_evaluation_equals_each_job_alone(tmp_path):
     from naclip.sweep import evaluate_group
 
     sweep = [["attention.sigma=2"], ["attention.sigma=8"], ["attention=kk_sim", "arch=vanilla"], ["refine=pamr"]]
-    alone = [run_alone([*SMOKE, *o], tmp_path / str(i)) for i, o in enumerate(sweep)]
+    alone = [evaluate_job([*SMOKE, *o], tmp_path / str(i)) for i, o in enumerate(sweep)]
     assert len({r["miou"] for r in alone}) > 1  # the jobs' numbers differ, so a mixed-up head would show
     done = evaluate_group([compose_config([*SMOKE, *o]) for o in sweep])
     for want, got in zip(alone, done.outcomes, strict=True):
@@ -225,7 +200,7 @@ def test_a_job_whose_segmenter_cannot_be_built_fails_alone(tmp_path):
 
     broken = ["refine=pamr", "refine.dilations=[]"]
     cfgs = [compose_config([*SMOKE, "attention.sigma=2"]), compose_config([*SMOKE, *broken])]
-    want = run_alone([*SMOKE, "attention.sigma=2"], tmp_path / "a")
+    want = evaluate_job([*SMOKE, "attention.sigma=2"], tmp_path / "a")
     done = evaluate_group(cfgs)
     assert done.outcomes[0].scores["miou"] == want["miou"]
     assert isinstance(done.outcomes[1].error, ValueError) and done.outcomes[1].scores is None

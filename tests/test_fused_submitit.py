@@ -45,18 +45,7 @@ TIMING = {
 LOCAL = ["hydra/launcher=fused_submitit_local", "hydra.launcher.timeout_min=10", "hydra.launcher.cpus_per_task=1"]
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("cache")
-
-
-@pytest.fixture(autouse=True)
-def _isolated(tmp_path, monkeypatch, cache):
-    monkeypatch.setenv("NACLIP_OUTPUT", str(tmp_path / "outputs"))
-    monkeypatch.setenv("NACLIP_CACHE", str(cache))
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    yield
-    GlobalHydra.instance().clear()
+pytestmark = pytest.mark.usefixtures("isolated_cached")
 
 
 # ----------------------------------------------------------- the submission plan (fast: in-process, no SLURM)

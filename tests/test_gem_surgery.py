@@ -4,13 +4,7 @@ fused = alone bit for bit, their config nodes and protocols, and the README's ow
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import re
-import shlex
-import subprocess
-import sys
 from pathlib import Path
 
 import open_clip
@@ -20,6 +14,7 @@ import torch.nn.functional as F
 from composing import compose_config
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
+from processes import readme_blocks, run_readme_example
 
 from naclip import DenseEncoder, FusedSegmenter, Segmenter, config
 from naclip.encoder import Taps
@@ -27,6 +22,7 @@ from naclip.methods import METHODS, build_method
 from naclip.tables import methods_table
 
 ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.usefixtures("isolated_cached")
 BENCHMARKS = ("voc21", "voc20", "pc60", "pc59", "coco_object", "coco_stuff", "cityscapes", "ade")
 NAMES = [["sky"], ["tree", "bush"], ["car"], ["road"]]
 ONE = {"templates": ["a photo of a {}."]}  # one prompt per name keeps the text tower cheap
@@ -65,17 +61,27 @@ def softmax_attention(a: torch.Tensor, b: torch.Tensor, scale) -> torch.Tensor:
     return e / e.sum(-1, keepdim=True)
 
 
+def with_second_stream(model, images: torch.Tensor, depth: int, step) -> tuple[torch.Tensor, torch.Tensor]:
+    """CLIP's own stream through every block, and a second one that starts as its input to block L-depth+1 and
+    from there adds `step(i, x)` per block (x: the original stream entering block i; no FFN): (x, path)."""
+    x = tower_input(model, images)
+    blocks = len(model.visual.transformer.resblocks)
+    path = None
+    for i in range(blocks):
+        if i == blocks - (depth - 1):
+            path = x
+        if path is not None:
+            path = path + step(i, x)
+        x = run_block(model, i, x)
+    return x, path
+
+
 def reference_gem(model, images, depth=7, iterations=1, temperature=None) -> torch.Tensor:
     """GEM (Bousselham et al.): from block L-depth+1 on, a second stream adds, without FFN, the out-projection of
     the mean over s ∈ {v, k, q} of softmax(τ ŝ ŝᵀ) v, ŝ = s L2-normalised and refined `iterations` times
     (s ← softmax(τ ŝ ŝᵀ) ŝ), τ = mean_tokens ‖LN1(x)‖ / √d unless fixed; q, k, v from the original stream."""
-    x = tower_input(model, images)
-    blocks = len(model.visual.transformer.resblocks)
-    first = blocks - (depth - 1)
-    for i in range(first):
-        x = run_block(model, i, x)
-    path = x
-    for i in range(first, blocks):
+
+    def step(i: int, x: torch.Tensor) -> torch.Tensor:
         h, q, k, v = heads_qkv(model, i, x)
         tau = temperature or (h.norm(dim=-1).mean(dim=-1) / math.sqrt(q.shape[-1]))[:, None, None, None]
         outs = []
@@ -85,8 +91,9 @@ def reference_gem(model, images, depth=7, iterations=1, temperature=None) -> tor
                 s = softmax_attention(s, s, tau) @ s
             s = F.normalize(s, dim=-1)
             outs.append(softmax_attention(s, s, tau) @ v)
-        path = path + merge_out(model, i, (outs[0] + outs[1] + outs[2]) / 3)
-        x = run_block(model, i, x)
+        return merge_out(model, i, (outs[0] + outs[1] + outs[2]) / 3)
+
+    _, path = with_second_stream(model, images, depth, step)
     return model.visual.ln_post(path) @ model.visual.proj  # (B, 1+N, D)
 
 
@@ -94,16 +101,12 @@ def reference_surgery(model, images, classifier, depth=7) -> torch.Tensor:
     """CLIP Surgery (Li et al.): v-v path softmax(v vᵀ/√d) v from block L-depth+1 on (no FFN), class token from
     CLIP's own output; then the authors' element-wise feature surgery: f ⊙ t_q weighted by w (from the class
     token's softmax(2 f₀·t), divided by its mean), minus its mean over the queries, summed over channels."""
-    x = tower_input(model, images)
-    blocks = len(model.visual.transformer.resblocks)
-    first = blocks - (depth - 1)
-    for i in range(first):
-        x = run_block(model, i, x)
-    path = x
-    for i in range(first, blocks):
+
+    def step(i: int, x: torch.Tensor) -> torch.Tensor:
         _, _, _, v = heads_qkv(model, i, x)
-        path = path + merge_out(model, i, softmax_attention(v, v, 1 / math.sqrt(v.shape[-1])) @ v)
-        x = run_block(model, i, x)
+        return merge_out(model, i, softmax_attention(v, v, 1 / math.sqrt(v.shape[-1])) @ v)
+
+    x, path = with_second_stream(model, images, depth, step)
     tokens = torch.cat([x[:, :1], path[:, 1:]], dim=1)
     f = F.normalize(model.visual.ln_post(tokens) @ model.visual.proj, dim=-1)  # (B, 1+N, D)
     prob = (2 * f[:, :1] @ classifier.T).softmax(-1)  # (B, 1, Q)
@@ -339,14 +342,6 @@ def test_each_method_prompts_class_names_as_its_authors_code(b32, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------- configs
-@pytest.fixture(autouse=True)
-def _clean_hydra(tmp_path, monkeypatch):
-    monkeypatch.setenv("NACLIP_OUTPUT", str(tmp_path / "outputs"))
-    monkeypatch.setenv("NACLIP_DATA", str(tmp_path / "data"))
-    yield
-    GlobalHydra.instance().clear()
-
-
 KEYS = ("short_side", "slide_crop", "slide_stride", "logit_scale", "prob_thd", "area_thd")
 BACKGROUND = ("voc21", "pc60", "coco_object")
 PROTOCOLS = {  # GEM: its code's 448 input everywhere; CLIP Surgery: the datasets' own (NACLIP's) values
@@ -443,36 +438,12 @@ def test_methods_experiment_includes_the_new_methods():
 
 
 # ------------------------------------------------------------------------------- own-method plug-in
-def readme_method_blocks() -> dict[str, str]:
-    text = (ROOT / "README.md").read_text(encoding="utf-8")
-    blocks = dict(re.findall(r"<!-- method-plugin:(\S+) -->\n```\w*\n(.*?)```", text, flags=re.S))
-    assert set(blocks) == {"my_method.py", "my_conf/method/early_kk.yaml", "run"}, sorted(blocks)
-    return blocks
-
-
 @pytest.mark.slow
 def test_readme_method_plugin_example_end_to_end(tmp_path):
     """The README's own-method blocks, written as they stand, run from a fresh folder without touching naclip."""
-    blocks = readme_method_blocks()
-    command = blocks.pop("run").replace("\\\n", " ")
-    for rel, body in blocks.items():
-        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / rel).write_text(body)
-    argv = shlex.split(command)
-    assert argv[:3] == ["python", "-m", "naclip.run"]
-    env = {
-        **os.environ,
-        "PYTHONPATH": str(ROOT),
-        "NACLIP_OUTPUT": str(tmp_path / "out"),
-        "NACLIP_CACHE": str(tmp_path / "cache"),
-        "WANDB_MODE": "offline",
-    }
-    proc = subprocess.run(
-        [sys.executable, *argv[1:]], cwd=tmp_path, env=env, capture_output=True, text=True, check=False
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    (result_file,) = (tmp_path / "out").rglob("result.json")
-    result = json.loads(result_file.read_text())
+    blocks = readme_blocks("method-plugin")
+    assert set(blocks) == {"my_method.py", "my_conf/method/early_kk.yaml", "run"}, sorted(blocks)
+    result = run_readme_example(blocks, tmp_path)
     assert result["config"]["method"] == "early_kk" and result["config"]["plugins"] == ["my_method"]
     assert result["config"]["method_options"] == {"block": -3} and result["num_images"] > 0
 

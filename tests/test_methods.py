@@ -7,8 +7,6 @@ import copy
 import json
 import math
 import os
-import re
-import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +19,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import open_dict
+from processes import readme_blocks, run_readme_example
 
 import naclip
 from naclip import DenseEncoder, Segmenter, attention, config
@@ -29,6 +28,7 @@ from naclip.tables import METHODS, methods_table
 from naclip.viz import attention_maps, variant_title
 
 ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.usefixtures("isolated_cached")
 GRIDS = [(2, 3), (4, 4), (3, 5)]
 
 
@@ -258,14 +258,6 @@ PRESETS = {  # method: (attention, arch, protocol values per dataset, dataset.pr
 }
 
 
-@pytest.fixture(autouse=True)
-def _clean_hydra(tmp_path, monkeypatch):
-    monkeypatch.setenv("NACLIP_OUTPUT", str(tmp_path / "outputs"))
-    monkeypatch.setenv("NACLIP_DATA", str(tmp_path / "data"))
-    yield
-    GlobalHydra.instance().clear()
-
-
 def protocol_of(cfg) -> tuple:
     return tuple(cfg.dataset[key] for key in KEYS)
 
@@ -453,8 +445,7 @@ def test_unknown_plugin_module_is_one_clear_error():
 
 
 def readme_plugin_blocks() -> dict[str, str]:
-    text = (ROOT / "README.md").read_text(encoding="utf-8")
-    blocks = dict(re.findall(r"<!-- plugin:(\S+) -->\n```\w*\n(.*?)```", text, flags=re.S))
+    blocks = readme_blocks("plugin")
     assert {"run"} < set(blocks) and len(blocks) == 3, sorted(blocks)
     return blocks
 
@@ -468,20 +459,7 @@ def test_readme_plugin_example_is_short():
 @pytest.mark.slow
 def test_readme_plugin_example_end_to_end(tmp_path):
     """The README's three blocks, written as they stand, run from a fresh folder without touching naclip."""
-    blocks = readme_plugin_blocks()
-    command = blocks.pop("run").replace("\\\n", " ")
-    for rel, body in blocks.items():
-        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / rel).write_text(body)
-    argv = shlex.split(command)
-    assert argv[:3] == ["python", "-m", "naclip.run"]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "NACLIP_OUTPUT": str(tmp_path / "out"),
-           "NACLIP_CACHE": str(tmp_path / "cache"), "WANDB_MODE": "offline"}
-    proc = subprocess.run([sys.executable, *argv[1:]], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          check=False)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    (result_file,) = (tmp_path / "out").rglob("result.json")
-    result = json.loads(result_file.read_text())
+    result = run_readme_example(readme_plugin_blocks(), tmp_path)
     assert result["config"]["attention"] == {"name": "qq_gauss", "sigma": 5.0}
     assert result["config"]["plugins"] == ["my_attention"]
     assert result["choices"]["attention"] == "qq_gauss" and result["num_images"] > 0

@@ -11,11 +11,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-from hydra.core.hydra_config import HydraConfig
+from composing import compose_config, evaluate_job
 from hydra.types import RunMode
-from omegaconf import OmegaConf, open_dict
+from omegaconf import OmegaConf
 from PIL import Image
 
 from naclip import config
@@ -26,25 +24,6 @@ SMOKE = ["dataset=synthetic", "backbone=b32", "backbone.pretrained=null", "num_w
 
 
 pytestmark = pytest.mark.usefixtures("isolated_env")
-
-
-def compose_run(overrides: list[str], hydra_cfg: bool = False):
-    config.register()
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose("config", overrides=overrides, return_hydra_config=hydra_cfg)
-
-
-def run_in_process(overrides: list[str], out_dir: Path, mode: RunMode = RunMode.MULTIRUN) -> dict:
-    """Compose with the Hydra config and call the runner's evaluate, as the Hydra app does."""
-    from naclip.run import evaluate
-
-    cfg = compose_run(overrides, hydra_cfg=True)
-    cfg.hydra.mode = mode
-    HydraConfig.instance().set_config(cfg)
-    with open_dict(cfg):
-        del cfg["hydra"]
-    return evaluate(cfg, out_dir)
 
 
 # ------------------------------------------------------------------------------------------ provenance
@@ -102,7 +81,7 @@ def test_run_tags_name_caveats_and_method_choices():
 
 def test_result_json_records_provenance_and_timings(tmp_path, caplog):
     caplog.set_level(logging.INFO, logger="naclip")
-    result = run_in_process([*SMOKE, "max_images=2", "dataset.expected_images=3"], tmp_path / "job")
+    result = evaluate_job([*SMOKE, "max_images=2", "dataset.expected_images=3"], tmp_path / "job")
     saved = json.loads((tmp_path / "job" / "result.json").read_text())
     assert saved["provenance"] == {
         "random_weights": True,
@@ -142,7 +121,7 @@ def test_voc_background_is_reported_as_background_and_short_split_is_partial(tmp
     _voc_folder(root, ["2007_000001"], classes=3)
     names_file = tmp_path / "voc3.txt"
     names_file.write_text("sky, wall, tree\naeroplane\nbicycle\n", encoding="utf-8")
-    result = run_in_process(
+    result = evaluate_job(
         ["dataset=voc21", f"dataset.root={root}", f"dataset.class_names={names_file}", "backbone=b32",
          "backbone.pretrained=null", "num_workers=0"],
         tmp_path / "job",
@@ -159,7 +138,7 @@ def test_voc_background_is_reported_as_background_and_short_split_is_partial(tmp
 def test_class_zero_display_name_per_dataset(dataset, background):
     from naclip.data import display_names, load_class_names
 
-    cfg = compose_run([f"dataset={dataset}"]).dataset
+    cfg = compose_config([f"dataset={dataset}"]).dataset
     names = display_names(load_class_names(cfg.class_names), cfg.background_index)
     assert names[0] == background
     assert names.count("background") == (background == "background")
@@ -171,7 +150,7 @@ def test_class_zero_display_name_per_dataset(dataset, background):
      ("coco_stuff", 5000), ("coco_object", 5000), ("demo", None), ("synthetic", None), ("hf", None)],
 )
 def test_expected_image_counts_are_the_protocols(dataset, count):
-    assert compose_run([f"dataset={dataset}"]).dataset.expected_images == count
+    assert compose_config([f"dataset={dataset}"]).dataset.expected_images == count
 
 
 # ----------------------------------------------------------------------------------- reuse and folders
@@ -179,10 +158,10 @@ def test_runtime_keys_reuse_a_finished_result_and_wandb_still_logs_it(tmp_path, 
     from test_run import wandb_offline_records
 
     out = tmp_path / "job"
-    first = run_in_process(SMOKE, out)
+    first = evaluate_job(SMOKE, out)
     runtime_only = ["num_workers=1", "batch_size=2", "crop_batch_size=8", "log_every=1", "backbone.device=cpu",
                     "experiment_name=other"]
-    again = run_in_process([*SMOKE, *runtime_only, "logger=wandb"], out)
+    again = evaluate_job([*SMOKE, *runtime_only, "logger=wandb"], out)
     assert again["finished_at"] == first["finished_at"]
     assert "skipped" in capsys.readouterr().out
     runs = list((out / "wandb").glob("offline-run-*"))
@@ -190,13 +169,13 @@ def test_runtime_keys_reuse_a_finished_result_and_wandb_still_logs_it(tmp_path, 
     summary, tags = wandb_offline_records(runs[0])
     assert summary["miou"] == pytest.approx(first["miou"])
     assert "random-weights" in tags and "dataset:synthetic" in tags
-    changed = run_in_process([*SMOKE, "max_images=2"], out)  # changes the result: evaluated again
+    changed = evaluate_job([*SMOKE, "max_images=2"], out)  # changes the result: evaluated again
     assert changed["num_images"] == 2 and changed["finished_at"] >= first["finished_at"]
 
 
 def _finished(folder: Path, overrides: list[str], miou: float) -> None:
     """A finished result.json as a run of `overrides` leaves it (the resolved config is what reuse compares)."""
-    cfg = compose_run(overrides)
+    cfg = compose_config(overrides)
     folder.mkdir(parents=True)
     (folder / "result.json").write_text(json.dumps({"miou": miou, "config": OmegaConf.to_container(cfg, resolve=True),
                                                     "per_class_iou": {}}))
@@ -211,7 +190,7 @@ def test_defaults_written_out_reuse_the_default_runs_result(tmp_path, capsys, mo
     _finished(runs / "max_images=2", [*SMOKE, "max_images=2"], 7.0)  # another result config: never reused
     monkeypatch.setattr(run, "load_shard", lambda *args: pytest.fail("a finished result was evaluated again"))
     spelled_out = runs / "attention=full,refine=none"
-    result = run_in_process([*SMOKE, "refine=none", "attention=full", "arch=reduced", "num_workers=1"], spelled_out)
+    result = evaluate_job([*SMOKE, "refine=none", "attention=full", "arch=reduced", "num_workers=1"], spelled_out)
     assert result["miou"] == 41.5
     assert f"skipped (finished result in {runs / 'default'}): mIoU 41.50" in capsys.readouterr().out
     assert not (spelled_out / "result.json").exists()
@@ -222,14 +201,14 @@ def test_defaults_written_out_reuse_the_default_runs_result(tmp_path, capsys, mo
     monkeypatch.setattr(run, "load_shard", evaluated)
     for overrides in ([*SMOKE, "max_images=3"], [*SMOKE, "force=true"]):  # a new result config; force re-runs
         with pytest.raises(RuntimeError, match="evaluated"):
-            run_in_process(overrides, runs / "new")
+            evaluate_job(overrides, runs / "new")
 
 
 def test_folder_name_leaves_out_exactly_the_runtime_keys():
-    hydra = compose_run([], hydra_cfg=True).hydra
+    hydra = compose_config([], hydra_config=True).hydra
     excluded = set(hydra.job.config.override_dirname.exclude_keys)
     runtime = set(config.RUNTIME_KEYS) - {"logger"}
-    logger_keys = {"logger", *(f"logger.{k}" for k in compose_run([]).logger if k != "name")}
+    logger_keys = {"logger", *(f"logger.{k}" for k in compose_config([]).logger if k != "name")}
     assert excluded == runtime | logger_keys | {"hydra/launcher"}
     assert not {"experiment", "+experiment", "max_images", "seed", "on_error"} & excluded
 
@@ -245,13 +224,13 @@ def test_result_config_drops_only_runtime_keys():
 # ------------------------------------------------------------------------------------- refused input
 def test_unknown_top_level_key_is_one_line_error():
     with pytest.raises(ValueError, match=r"^unknown config key 'atention'; did you mean 'attention'\?$"):
-        config.validate(compose_run(["+atention=full"]))
+        config.validate(compose_config(["+atention=full"]))
 
 
 def test_preset_without_multirun_is_refused_before_anything_runs(tmp_path):
     out = tmp_path / "job"
     with pytest.raises(ValueError, match=r"\+experiment=table3 is a sweep; add -m"):
-        run_in_process(["+experiment=table3", *SMOKE], out, mode=RunMode.RUN)
+        evaluate_job(["+experiment=table3", *SMOKE], out, mode=RunMode.RUN)
     assert not out.exists()
 
 

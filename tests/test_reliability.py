@@ -22,10 +22,10 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from composing import compose_config, evaluate_job
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import open_dict
 from PIL import Image
 
 from naclip import Segmenter, config
@@ -39,23 +39,6 @@ SMOKE = ["dataset=synthetic", "backbone=b32", "backbone.pretrained=null", "num_w
 
 
 pytestmark = pytest.mark.usefixtures("isolated_env")
-
-
-def compose_run(overrides: list[str]):
-    config.register()
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose("config", overrides=overrides, return_hydra_config=True)
-
-
-def evaluate_in_process(overrides: list[str], out_dir: Path) -> dict:
-    from naclip.run import evaluate
-
-    cfg = compose_run(overrides)
-    HydraConfig.instance().set_config(cfg)
-    with open_dict(cfg):
-        del cfg["hydra"]
-    return evaluate(cfg, out_dir)
 
 
 def cli(module: str, args: list[str], tmp_path: Path, cwd: Path | None = None) -> subprocess.CompletedProcess:
@@ -94,7 +77,7 @@ def voc_overrides(root: Path) -> list[str]:
 def voc_cfg(root: Path) -> dict:
     from omegaconf import OmegaConf
 
-    return OmegaConf.to_container(compose_run(voc_overrides(root)).dataset, resolve=True)
+    return OmegaConf.to_container(compose_config(voc_overrides(root), hydra_config=True).dataset, resolve=True)
 
 
 # ------------------------------------------------------------------- 1. a failed run deletes nothing of yours
@@ -143,7 +126,7 @@ def test_result_printed_then_kept_in_fallback_when_folder_unwritable(tmp_path, c
     blocker = tmp_path / "blocker"
     blocker.write_text("a regular file where the job folder's parent should be")
     with pytest.raises(ResultWriteError) as info:
-        evaluate_in_process(SMOKE, blocker / "job")
+        evaluate_job(SMOKE, blocker / "job")
     message = str(info.value)
     assert "\n" not in message and str(blocker / "job" / "result.json") in message
     (fallback,) = (tmp_path / "tmp").glob("naclip-result-*.json")
@@ -166,7 +149,7 @@ def test_image_too_small_after_resize_is_a_named_sample_error(tmp_path):
     assert str(root / "JPEGImages" / "thin.jpg") in error and "10x2048" in error and "16-pixel patch" in error
 
     common = [*voc_overrides(root), "backbone=b16", "backbone.pretrained=null", "num_workers=0"]
-    result = evaluate_in_process([*common, "on_error=skip"], tmp_path / "skip")
+    result = evaluate_job([*common, "on_error=skip"], tmp_path / "skip")
     assert result["num_images"] == 1
     assert [s["path"] for s in result["skipped"]] == [str(root / "JPEGImages" / "thin.jpg")]
 
@@ -179,7 +162,7 @@ def test_max_images_below_one_rejected_before_any_model(tmp_path, monkeypatch, v
 
     monkeypatch.setattr("naclip.clip.load_clip", no_model)
     with pytest.raises(ValueError, match=f"max_images must be >= 1.*got {value}") as info:
-        evaluate_in_process([*SMOKE, f"max_images={value}"], tmp_path / "job")
+        evaluate_job([*SMOKE, f"max_images={value}"], tmp_path / "job")
     assert "\n" not in str(info.value)
 
 
@@ -190,7 +173,7 @@ def test_all_samples_skipped_is_one_line_and_log_keeps_the_list(tmp_path, caplog
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # torchmetrics' "no samples" warning would fail here
         with caplog.at_level(logging.WARNING, logger="naclip"), pytest.raises(ValueError) as info:
-            evaluate_in_process(overrides, tmp_path / "job")
+            evaluate_job(overrides, tmp_path / "job")
     message = str(info.value)
     assert message.startswith("no images evaluated") and "all 2 samples were skipped" in message
     assert "\n" not in message and "nan" not in message.lower()
@@ -248,7 +231,7 @@ def test_long_dataset_root_gives_short_unique_folder_names():
 
 
 def test_long_dataset_root_folder_can_be_created(tmp_path):
-    cfg = compose_run(["dataset=voc21", "dataset.root=/" + "x" * 400])
+    cfg = compose_config(["dataset=voc21", "dataset.root=/" + "x" * 400], hydra_config=True)
     HydraConfig.instance().set_config(cfg)
     run_dir = Path(str(cfg.hydra.run.dir))
     assert len(run_dir.name.encode()) <= 255

@@ -20,12 +20,6 @@ NAMES = [["sky"], ["tree"], ["car", "auto"], ["road"]]
 ONE_TEMPLATE = ("a photo of a {}.",)
 
 
-@pytest.fixture(scope="module")
-def text_cache(tmp_path_factory):
-    """One text-classifier cache for the module: each class list is encoded once."""
-    return tmp_path_factory.mktemp("text-cache")
-
-
 # ------------------------------------------------------------------------------------------- shared reference
 def trunk_reference(model, image: torch.Tensor) -> tuple[list[torch.Tensor], tuple[int, int]]:
     """Tokens (1+N, C) entering every block of one image, with open_clip's modules; positions resized as DINO/NACLIP
@@ -349,11 +343,11 @@ def segmenter(model, method: str | None, cache, **extra) -> Segmenter:
 
 @pytest.mark.parametrize("method", ["resclip", "scclip"])
 @torch.no_grad()
-def test_labels_do_not_depend_on_batching(b32, text_cache, method):
+def test_labels_do_not_depend_on_batching(b32, cache, method):
     images = batch_images()
-    together = segmenter(b32, method, text_cache, crop_batch_size=8)
+    together = segmenter(b32, method, cache, crop_batch_size=8)
     logits = together.logits_list(images)  # all four windows in one chunk
-    one = segmenter(b32, method, text_cache, crop_batch_size=1)
+    one = segmenter(b32, method, cache, crop_batch_size=1)
     for image, got in zip(images, logits, strict=True):
         alone = one.logits_list([image])[0]  # one window per chunk, one image at a time
         torch.testing.assert_close(got, alone, rtol=1e-5, atol=1e-6)
@@ -361,12 +355,12 @@ def test_labels_do_not_depend_on_batching(b32, text_cache, method):
 
 
 @torch.no_grad()
-def test_fused_equals_each_variant_alone_bit_for_bit(b32, text_cache):
+def test_fused_equals_each_variant_alone_bit_for_bit(b32, cache):
     images = batch_images()
     variants = [
-        segmenter(b32, "resclip", text_cache),
-        segmenter(b32, "scclip", text_cache),
-        segmenter(b32, None, text_cache, attention="full"),
+        segmenter(b32, "resclip", cache),
+        segmenter(b32, "scclip", cache),
+        segmenter(b32, None, cache, attention="full"),
     ]
     fused = FusedSegmenter(variants).logits_list(images)
     for variant, logits in zip(variants, fused, strict=True):
@@ -400,8 +394,8 @@ SCCLIP.update(
 @pytest.mark.parametrize("dataset", BENCHMARKS)
 @pytest.mark.parametrize("method", ["resclip", "scclip"])
 @torch.no_grad()
-def test_protocol_files_reach_the_segmenter(b32, text_cache, method, dataset):
-    cfg = compose_config([f"method={method}", f"dataset={dataset}", f"text_cache_dir={text_cache}"])
+def test_protocol_files_reach_the_segmenter(b32, cache, method, dataset):
+    cfg = compose_config([f"method={method}", f"dataset={dataset}", f"text_cache_dir={cache}"])
     config.validate(cfg)
     assert cfg.method == method and cfg.dataset.protocol == method
     if method == "resclip":

@@ -18,10 +18,8 @@ import pytest
 import reference_pipeline as ref
 import torch
 import torch.nn.functional as F
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import OmegaConf, open_dict
+from composing import compose_config, evaluate_job
+from omegaconf import OmegaConf
 from PIL import Image
 
 from naclip import config
@@ -36,32 +34,12 @@ def options(group: str) -> list[str]:
     return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
 
 
-def compose_run(overrides: list[str], hydra_cfg: bool = False):
-    config.register()
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose("config", overrides=overrides, return_hydra_config=hydra_cfg)
-
-
-@pytest.fixture(scope="module")
-def text_cache(tmp_path_factory) -> Path:
-    """One text cache for the module: keyed by weights and prompts, it runs each text tower once."""
-    return tmp_path_factory.mktemp("cache")
-
-
-@pytest.fixture(autouse=True)
-def _isolated(tmp_path, monkeypatch, text_cache):
-    monkeypatch.setenv("NACLIP_OUTPUT", str(tmp_path / "outputs"))
-    monkeypatch.setenv("NACLIP_CACHE", str(text_cache))
-    monkeypatch.setenv("NACLIP_DATA", str(tmp_path / "data"))
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    yield
-    GlobalHydra.instance().clear()
+pytestmark = pytest.mark.usefixtures("isolated_cached")
 
 
 @pytest.mark.parametrize(("group", "option"), [(g, o) for g in GROUPS for o in options(g)])
 def test_every_group_option_composes_and_validates(group, option):
-    cfg = compose_run([f"{group}={option}"])
+    cfg = compose_config([f"{group}={option}"])
     config.validate(cfg)
     assert cfg[group].name == option
     OmegaConf.to_container(cfg, resolve=True)
@@ -69,7 +47,7 @@ def test_every_group_option_composes_and_validates(group, option):
 
 @pytest.mark.parametrize("experiment", options("experiment"))
 def test_experiment_presets_hold_sweeps(experiment):
-    cfg = compose_run([f"+experiment={experiment}"], hydra_cfg=True)
+    cfg = compose_config([f"+experiment={experiment}"], hydra_config=True)
     assert cfg.experiment_name == experiment
     params = cfg.hydra.sweeper.params
     assert params and all(isinstance(v, str) and "," in v for v in params.values())
@@ -93,7 +71,7 @@ def test_expected_options_exist():
 
 
 def test_defaults_are_the_paper_method():
-    cfg = compose_run([])
+    cfg = compose_config([])
     assert (cfg.backbone.model, cfg.backbone.pretrained) == ("ViT-B-16", "openai")
     assert (cfg.attention.name, cfg.attention.sigma, cfg.arch.name, cfg.refine.name) == ("full", 5.0, "reduced", "none")
     assert cfg.dataset.name == "demo" and cfg.logger.name == "local"
@@ -105,7 +83,7 @@ def test_defaults_are_the_paper_method():
      ("ade", 0.0, 224, 336), ("cityscapes", 0.0, 224, 560)],
 )
 def test_protocol_values(dataset, prob_thd, slide_crop, short):
-    cfg = compose_run([f"dataset={dataset}"])
+    cfg = compose_config([f"dataset={dataset}"])
     assert (cfg.dataset.prob_thd, cfg.dataset.slide_crop, cfg.dataset.short_side) == (prob_thd, slide_crop, short)
     assert cfg.dataset.logit_scale == 40.0 and cfg.dataset.ignore_index == 255
 
@@ -121,29 +99,18 @@ def test_protocol_values(dataset, prob_thd, slide_crop, short):
 )
 def test_schema_fails_early(overrides, match):
     with pytest.raises(Exception, match=match):
-        compose_run(overrides)
+        compose_config(overrides)
 
 
 @pytest.mark.parametrize("override", ["attention.sigma=0", "attention.sigma=-2", "on_error=maybe", "batch_size=0"])
 def test_validate_rejects(override):
     with pytest.raises(ValueError):
-        config.validate(compose_run([override]))
-
-
-def run_in_process(overrides: list[str], out_dir: Path) -> dict:
-    """Compose with the Hydra config and call the runner's evaluate, as the Hydra app does."""
-    from naclip.run import evaluate
-
-    cfg = compose_run(overrides, hydra_cfg=True)
-    HydraConfig.instance().set_config(cfg)
-    with open_dict(cfg):
-        del cfg["hydra"]
-    return evaluate(cfg, out_dir)
+        config.validate(compose_config([override]))
 
 
 def test_run_writes_result_then_skips_then_force(tmp_path, capsys):
     out = tmp_path / "job"
-    result = run_in_process(SMOKE, out)
+    result = evaluate_job(SMOKE, out)
     saved = json.loads((out / "result.json").read_text())
     for key in ("miou", "per_class_iou", "pixel_acc", "num_images", "seconds_eval", "seconds_model_load",
                 "seconds_text_classifier", "images_per_sec", "peak_memory_mb", "provenance",
@@ -158,12 +125,12 @@ def test_run_writes_result_then_skips_then_force(tmp_path, capsys):
     assert result["miou"] == saved["miou"]
     assert "mIoU" in capsys.readouterr().out
 
-    again = run_in_process(SMOKE, out)
+    again = evaluate_job(SMOKE, out)
     assert again["finished_at"] == saved["finished_at"]
     assert "skipped" in capsys.readouterr().out
 
     time.sleep(1.1)
-    forced = run_in_process([*SMOKE, "force=true"], out)
+    forced = evaluate_job([*SMOKE, "force=true"], out)
     assert forced["finished_at"] != saved["finished_at"]
     assert forced["miou"] == pytest.approx(saved["miou"])
 
@@ -176,12 +143,12 @@ def test_changed_config_is_not_skipped(tmp_path):
         return json.loads((out / "result.json").read_text())
 
     one = [*SMOKE, "max_images=1"]
-    run_in_process(one, out)
+    evaluate_job(one, out)
     assert stored()["config"]["attention"] == {"name": "full", "sigma": 5.0}
-    second = run_in_process([*one, "attention.sigma=2"], out)
+    second = evaluate_job([*one, "attention.sigma=2"], out)
     assert second["config"]["attention"]["sigma"] == 2.0
     assert stored()["config"]["attention"] == {"name": "full", "sigma": 2.0}
-    third = run_in_process([*one, "attention=kk_sim"], out)
+    third = evaluate_job([*one, "attention=kk_sim"], out)
     assert third["config"]["attention"]["name"] == "kk_sim"
     assert stored()["config"]["attention"]["name"] == "kk_sim" and stored()["choices"]["attention"] == "kk_sim"
 
@@ -222,7 +189,7 @@ def test_failed_result_write_keeps_the_previous_result(tmp_path, monkeypatch):
     monkeypatch.setattr(results, "write_json_atomic", write_under_limit)
     overrides = [*SMOKE, "max_images=1", "force=true"]
     with pytest.raises(results.ResultWriteError, match=r"result\.json") as failed:
-        run_in_process(overrides, out)
+        evaluate_job(overrides, out)
     assert attempts == [(out / "result.json", os.strerror(errno.EFBIG))]  # the write itself hit the limit
     assert (out / "result.json").read_bytes() == before
     assert sorted(p.name for p in out.iterdir()) == files
@@ -230,7 +197,7 @@ def test_failed_result_write_keeps_the_previous_result(tmp_path, monkeypatch):
     assert str(fallback) in str(failed.value) and json.loads(fallback.read_text())["num_images"] == 1
 
     monkeypatch.setattr(results, "write_json_atomic", write)
-    result = run_in_process(overrides, out)
+    result = evaluate_job(overrides, out)
     assert json.loads((out / "result.json").read_text())["finished_at"] == result["finished_at"]
     assert sorted(p.name for p in out.iterdir()) == files
 
@@ -247,7 +214,7 @@ def test_protocol_values_reach_the_runners_segmenter(b32):
     labels (against the hand-worked scene)."""
     protocol = {"slide_crop": 64, "slide_stride": 40, "logit_scale": 25.0, "area_thd": 0.15, "prob_thd": 0.32,
                 "pad_crops": True}  # fmt: skip
-    cfg = compose_run([*SMOKE, *(f"dataset.{key}={value}" for key, value in protocol.items())])
+    cfg = compose_config([*SMOKE, *(f"dataset.{key}={value}" for key, value in protocol.items())])
     seg = config.build_segmenter(cfg, [["background"], ["cat"], ["dog"], ["bird"]], cfg.dataset, "cpu", model=b32)[0]
     x = torch.randn(1, 3, 50, 112, generator=torch.Generator().manual_seed(0))  # 50 rows: padded to 64 (B/32)
     want = ref.padded_slide_logits(b32, seg.classifier, x[0], 64, 40, 32)  # full attention, σ 5, reduced: SMOKE's
@@ -267,7 +234,7 @@ def test_refine_pamr_reaches_the_segmenter():
     classes = [["sky"], ["tree", "bush"], ["car"]]
 
     def build(*overrides: str):
-        cfg = compose_run([*SMOKE, *overrides])
+        cfg = compose_config([*SMOKE, *overrides])
         torch.manual_seed(0)  # the same random weights for both
         return config.build_segmenter(cfg, classes, cfg.dataset, "cpu")[0]
 
@@ -324,7 +291,7 @@ def wandb_offline_records(run_dir: Path) -> tuple[dict, list[str]]:
 
 def test_wandb_offline_writes_files(tmp_path):
     out = tmp_path / "job"
-    result = run_in_process([*SMOKE, "logger=wandb", "logger.log_images=2"], out)
+    result = evaluate_job([*SMOKE, "logger=wandb", "logger.log_images=2"], out)
     assert (out / "result.json").is_file()
     runs = list((out / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
@@ -361,17 +328,17 @@ def test_local_voc_layout_and_on_error_skip(tmp_path):
     from naclip.data import DatasetError
 
     with pytest.raises(DatasetError, match="2007_000002"):
-        run_in_process(common, tmp_path / "a")
+        evaluate_job(common, tmp_path / "a")
     assert not (tmp_path / "a" / "result.json").exists()
-    result = run_in_process([*common, "on_error=skip"], tmp_path / "b")
+    result = evaluate_job([*common, "on_error=skip"], tmp_path / "b")
     assert result["num_images"] == 1
     assert [s["path"] for s in result["skipped"]] == [str(root / "JPEGImages" / "2007_000002.jpg")]
     assert len(result["per_class_iou"]) == 21
 
 
 def test_batched_images_equal_single(tmp_path):
-    one = run_in_process([*SMOKE, "batch_size=1"], tmp_path / "one")
-    three = run_in_process([*SMOKE, "batch_size=3"], tmp_path / "three")
+    one = evaluate_job([*SMOKE, "batch_size=1"], tmp_path / "one")
+    three = evaluate_job([*SMOKE, "batch_size=3"], tmp_path / "three")
     assert one["miou"] == pytest.approx(three["miou"], abs=1e-9)
     assert one["per_class_iou"] == pytest.approx(three["per_class_iou"])
 

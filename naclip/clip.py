@@ -79,7 +79,7 @@ def _is_openai_archive(path: Path) -> bool:
 
 
 def _weights_format(path: Path) -> str | None:
-    """"safetensors", "zip" (torch.save / TorchScript), "pickle" (legacy torch.save), or None for anything else.
+    """The file's kind: "safetensors", "zip" (torch.save / TorchScript), "pickle" (legacy torch.save), or None.
 
     Checked from the first bytes, so a text file or a truncated download is refused with a clear message
     before torch.load suggests ``weights_only=False``, which a user must not follow for an untrusted file.

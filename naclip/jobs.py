@@ -166,8 +166,12 @@ class JobSummary(Callback):
     def _require_writable(self, folder: str) -> None:
         reason = check_writable(folder)
         if reason is not None:
-            print(f"{self.app}: error: cannot write the output folder {folder} ({reason}); choose another with "
-                  f"output_root=... or hydra.run.dir=...", file=sys.stderr, flush=True)
+            print(
+                f"{self.app}: error: cannot write the output folder {folder} ({reason}); choose another with "
+                f"output_root=... or hydra.run.dir=...",
+                file=sys.stderr,
+                flush=True,
+            )
             raise SystemExit(BAD_INPUT_EXIT)
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
@@ -196,6 +200,10 @@ class JobSummary(Callback):
         print(f"{self.app}: {text}", flush=True)
         if code:
             failed = sum(o.status == "failed" for o in outcomes)
-            print(f"{self.app}: error: {failed} of {len(outcomes)} jobs failed (reasons above and in each job's "
-                  f"{STATUS_FILE})", file=sys.stderr, flush=True)
+            print(
+                f"{self.app}: error: {failed} of {len(outcomes)} jobs failed (reasons above and in each job's "
+                f"{STATUS_FILE})",
+                file=sys.stderr,
+                flush=True,
+            )
             raise SystemExit(code)

@@ -163,8 +163,9 @@ def caveats(result: Mapping[str, Any]) -> list[str]:
             "random_weights": "pretrained" in backbone and backbone["pretrained"] is None,
             "partial": config.get("max_images") is not None or bool(result.get("skipped")),
         }
-    return [tag for tag, flag in ((RANDOM_WEIGHTS, facts.get("random_weights")), (PARTIAL, facts.get("partial")))
-            if flag]
+    return [
+        tag for tag, flag in ((RANDOM_WEIGHTS, facts.get("random_weights")), (PARTIAL, facts.get("partial"))) if flag
+    ]
 
 
 def run_tags(result: Mapping[str, Any]) -> list[str]:
@@ -197,8 +198,16 @@ class LocalSink:
 
 
 SUMMARY_KEYS: tuple[str, ...] = (
-    "miou", "pixel_acc", "num_images", "seconds_eval", "seconds_model_load", "seconds_text_classifier",
-    "images_per_sec", "peak_memory_mb", "finished_at", "provenance",
+    "miou",
+    "pixel_acc",
+    "num_images",
+    "seconds_eval",
+    "seconds_model_load",
+    "seconds_text_classifier",
+    "images_per_sec",
+    "peak_memory_mb",
+    "finished_at",
+    "provenance",
 )
 
 

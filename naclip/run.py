@@ -192,8 +192,9 @@ def evaluate(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     segmenter, mean, std = config.build_segmenter(cfg, dataset.class_names, cfg.dataset, device, timings)
     metric = IoUMetric(dataset.num_classes, ignore_index=dataset.ignore_index, device=device)
     samples: list[Sample] = []
-    stats = run_pass(cfg, shard, finite_predict(segmenter, head_label(cfg)), [metric], [samples], mean, std,
-                     device, rank)
+    stats = run_pass(
+        cfg, shard, finite_predict(segmenter, head_label(cfg)), [metric], [samples], mean, std, device, rank
+    )
     scores = {**job_scores(metric, stats, device), **timings}
     require_scored(scores, dataset)
     return write_result(cfg, out_dir, scores, samples, dataset, rank, world)
@@ -208,9 +209,7 @@ def head_label(cfg: DictConfig) -> str:
 def require_finite(logits: list[torch.Tensor], head: str) -> None:
     """Stop a job whose logits of this batch hold NaN or inf: one reduction per image, one sync per batch."""
     if logits and not bool(torch.stack([torch.isfinite(lg).all() for lg in logits]).all()):
-        raise NonFiniteLogitsError(
-            f"{head} produced non-finite logits (NaN or inf); no result written"
-        )
+        raise NonFiniteLogitsError(f"{head} produced non-finite logits (NaN or inf); no result written")
 
 
 def finite_predict(segmenter: Any, head: str) -> Predict:
@@ -352,7 +351,11 @@ def run_pass(
             rate = seen / elapsed
             log.info(
                 "%d/%d images, %.2f img/s, ETA %.0f s, peak memory %.0f MB",
-                seen, len(shard), rate, (len(shard) - seen) / rate, peak_memory_mb(device),
+                seen,
+                len(shard),
+                rate,
+                (len(shard) - seen) / rate,
+                peak_memory_mb(device),
             )
     bar.close()
     if int(_across_ranks(seen)) == 0:
@@ -412,8 +415,10 @@ def _report(result: dict[str, Any]) -> str:
         f"mIoU {result['miou']:.2f}  pixel acc {result['pixel_acc']:.2f}  images {result['num_images']}  "
         f"{result['images_per_sec']} img/s",
     ]
-    caveats = [*(["random weights"] if result["provenance"]["random_weights"] else []),
-               *result["provenance"]["partial_reasons"]]
+    caveats = [
+        *(["random weights"] if result["provenance"]["random_weights"] else []),
+        *result["provenance"]["partial_reasons"],
+    ]
     if caveats:
         lines.append(f"not a full measurement: {'; '.join(caveats)}")
     return "\n".join(lines)

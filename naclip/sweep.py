@@ -36,8 +36,21 @@ log = logging.getLogger("naclip.sweep")
 
 # Config keys that only change a job's own head and post-processing: jobs differing only there share a pass.
 HEAD_KEYS = (
-    "method", "attention", "arch", "refine", "dataset.prob_thd", "dataset.area_thd", "dataset.logit_scale",
-    "dataset.protocol", "resclip", "scclip", "gem", "clip_surgery", "proxyclip", "cass", "method_options",
+    "method",
+    "attention",
+    "arch",
+    "refine",
+    "dataset.prob_thd",
+    "dataset.area_thd",
+    "dataset.logit_scale",
+    "dataset.protocol",
+    "resclip",
+    "scclip",
+    "gem",
+    "clip_surgery",
+    "proxyclip",
+    "cass",
+    "method_options",
 )
 # Per-job bookkeeping that changes neither the shared pass nor the numbers.
 JOB_KEYS = ("logger", "force", "experiment_name", "output_root", "text_cache_dir", "log_every")
@@ -126,8 +139,17 @@ def evaluate_group(cfgs: Sequence[DictConfig]) -> GroupRun:
         log.info("one pass over %d images for %d jobs", len(shard), len(live))
         heads = [run.head_label(cfg) for cfg, o in zip(cfgs, outcomes, strict=True) if o.error is None]
         try:
-            stats = run.run_pass(lead, shard, _finite_fused_predict(fused, heads), metrics,
-                                 [o.samples for o in live], mean, std, device, rank)
+            stats = run.run_pass(
+                lead,
+                shard,
+                _finite_fused_predict(fused, heads),
+                metrics,
+                [o.samples for o in live],
+                mean,
+                std,
+                device,
+                rank,
+            )
         except (DatasetError, run.NoImagesError):
             raise  # the data fails every job alike
         except Exception as err:
@@ -181,8 +203,14 @@ def _jobs(sweep_configs: Sequence[DictConfig]) -> tuple[list[_Job], list[_Job]]:
 def _job(index: int, sweep_config: DictConfig) -> _Job:
     """The task config and output folder run_job will give this job (no folder is made yet)."""
     HydraConfig.instance().set_config(sweep_config)
-    out_dir = Path(os.path.abspath(os.path.join(str(OmegaConf.select(sweep_config, "hydra.sweep.dir")),
-                                                str(OmegaConf.select(sweep_config, "hydra.sweep.subdir")))))
+    out_dir = Path(
+        os.path.abspath(
+            os.path.join(
+                str(OmegaConf.select(sweep_config, "hydra.sweep.dir")),
+                str(OmegaConf.select(sweep_config, "hydra.sweep.subdir")),
+            )
+        )
+    )
     with read_write(sweep_config.hydra.runtime), open_dict(sweep_config.hydra.runtime):
         sweep_config.hydra.runtime.output_dir = str(out_dir)  # as run_job sets it: job_logging's file names use it
     cfg = copy.deepcopy(sweep_config)
@@ -209,8 +237,9 @@ def _finish(job: _Job, group: GroupRun, outcome: JobOutcome) -> Callable[[DictCo
         assert outcome.scores is not None and group.dataset is not None, "a fused job has scores or an error"
         log.info("evaluated in one fused pass shared by %d jobs", len(group.outcomes))
         try:
-            result = run.write_result(cfg, job.out_dir, outcome.scores, outcome.samples, group.dataset, group.rank,
-                                      group.world)
+            result = run.write_result(
+                cfg, job.out_dir, outcome.scores, outcome.samples, group.dataset, group.rank, group.world
+            )
         except run.KNOWN_ERRORS as err:  # e.g. result.json unwritable: the same line and status as naclip.run
             run.report_failure(job.out_dir, err)
             return None
@@ -241,8 +270,9 @@ def _log_into_every_job(group: list[_Job]) -> None:
             conf["handlers"][f"{name}.{i}"] = handlers[name]
     for holder in [conf.get("root", {}), *conf.get("loggers", {}).values()]:
         names = holder.get("handlers", [])
-        holder["handlers"] = [h for h in names if h not in files] + [f"{h}.{i}" for h in names if h in files
-                                                                    for i in range(len(group))]
+        holder["handlers"] = [h for h in names if h not in files] + [
+            f"{h}.{i}" for h in names if h in files for i in range(len(group))
+        ]
     for name in files:
         del conf["handlers"][name]
     configure_log(OmegaConf.create(conf), group[0].sweep_config.hydra.verbose)

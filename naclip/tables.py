@@ -128,8 +128,13 @@ class Table:
     def formatted_rows(self) -> list[list[str]]:
         """Rows as display strings: values with 1 decimal (``†`` when marked), missing cells as ``–``."""
         return [
-            [label, *(_fmt(v) + (DAGGER if (label, c) in self.marked else "") for v, c in zip(values, self.columns,
-                                                                                                strict=True))]
+            [
+                label,
+                *(
+                    _fmt(v) + (DAGGER if (label, c) in self.marked else "")
+                    for v, c in zip(values, self.columns, strict=True)
+                ),
+            ]
             for label, values in self.rows
         ]
 
@@ -327,12 +332,14 @@ def select_results(results: list[dict], include_partial: bool = False) -> tuple[
     if not random_weights and not partial:
         return list(results), None
     why = " and ".join(
-        f"{count} {text}" for count, text in ((random_weights, "with random weights"), (partial, "on a partial split"))
+        f"{count} {text}"
+        for count, text in ((random_weights, "with random weights"), (partial, "on a partial split"))
         if count
     )
     if include_partial:
-        return list(results), f"included {random_weights + partial} results that are not full measurements ({why}), " \
-            f"marked {DAGGER}"
+        return list(
+            results
+        ), f"included {random_weights + partial} results that are not full measurements ({why}), marked {DAGGER}"
     kept = [r for r, f in zip(results, flagged, strict=True) if not f]
     return kept, f"left out {random_weights + partial} of {len(results)} results ({why}); --include-partial shows them"
 
@@ -378,8 +385,20 @@ def _best_by(results: Iterable[dict], key: Callable[[dict], _K]) -> dict[_K, dic
 # reported, not what is computed on it.
 _SECTIONS = ("backbone", "dataset", "refine", "attention", "arch")
 _WHERE_KEYS = frozenset(
-    {"name", "root", "hf_path", "hf_name", "data_files", "image_column", "label_column", "num_images", "image_size",
-     "seed", "background_index", "expected_images"}
+    {
+        "name",
+        "root",
+        "hf_path",
+        "hf_name",
+        "data_files",
+        "image_column",
+        "label_column",
+        "num_images",
+        "image_size",
+        "seed",
+        "background_index",
+        "expected_images",
+    }
 )
 
 
@@ -403,8 +422,11 @@ def _paper_setting(backbone: str, dataset: str, refine: str, protocol: str) -> d
 
     from naclip.config import DatasetConfig, RefineConfig
 
-    shipped = {"backbone": _shipped("backbone", backbone), "dataset": _shipped("dataset", dataset),
-               "refine": _shipped("refine", refine)}
+    shipped = {
+        "backbone": _shipped("backbone", backbone),
+        "dataset": _shipped("dataset", dataset),
+        "refine": _shipped("refine", refine),
+    }
     if any(v is None for v in shipped.values()):
         return None
     overlay = {} if protocol == "dataset" else _shipped("protocol", f"{protocol}_{dataset}")
@@ -437,8 +459,9 @@ def _setting_mismatch(result: Mapping[str, Any], protocol: str = "dataset") -> s
     """The first value by which a result's resolved config leaves the shipped setting of its choices (None if
     none does). A key the result lacks (written before the key existed) is not held against it."""
     choices = result["choices"]
-    setting = _paper_setting(str(choices.get("backbone")), str(choices.get("dataset")),
-                             str(choices.get("refine", "none")), protocol)
+    setting = _paper_setting(
+        str(choices.get("backbone")), str(choices.get("dataset")), str(choices.get("refine", "none")), protocol
+    )
     if setting is None:
         return None if protocol == "dataset" else f"no published protocol {protocol!r} for this dataset"
     config = result.get("config") or {}
@@ -457,7 +480,8 @@ def _method_fits(result: Mapping[str, Any]) -> bool:
     spec = METHODS.get(method)
     choices = result["choices"]
     return method == "naclip" or (
-        spec is not None and spec.protocol == "dataset"
+        spec is not None
+        and spec.protocol == "dataset"
         and (choices.get("attention"), choices.get("arch")) == (spec.attention, spec.arch)
     )
 
@@ -467,9 +491,13 @@ def _measured(results: Iterable[dict], choices: Mapping[str, str], protocol: str
     ``choices`` and run in the setting of ``protocol`` ("dataset": the paper's own; else that method's published
     one)."""
     selected = (
-        r for r in results
-        if _is_usable(r) and _matches(r, choices) and math.isclose(_sigma(r), DEFAULT_SIGMA)
-        and ("method" in choices or _method_fits(r)) and _setting_mismatch(r, protocol) is None
+        r
+        for r in results
+        if _is_usable(r)
+        and _matches(r, choices)
+        and math.isclose(_sigma(r), DEFAULT_SIGMA)
+        and ("method" in choices or _method_fits(r))
+        and _setting_mismatch(r, protocol) is None
     )
     return {str(k): v for k, v in _best_by(selected, lambda r: r["choices"].get("dataset")).items()}
 
@@ -495,8 +523,10 @@ def _why_not_paper(result: Mapping[str, Any]) -> str | None:
         return None
     if _protocol(result) != "dataset" and own and _protocol(result) == spec.protocol:
         return None
-    return (f"method={_method(result)} but attention={choices.get('attention')} arch={choices.get('arch')} "
-            f"(protocol {_protocol(result)!r})")
+    return (
+        f"method={_method(result)} but attention={choices.get('attention')} arch={choices.get('arch')} "
+        f"(protocol {_protocol(result)!r})"
+    )
 
 
 def setting_note(results: Iterable[dict]) -> str | None:
@@ -800,8 +830,9 @@ def sigma_sweep(results: list[dict]) -> dict[tuple[str, str], list[tuple[float, 
     (backbone, dataset, σ) a full measurement beats a caveated one, then the newest wins.
     """
     selected = (r for r in results if _matches(r, SIGMA_SWEEP_CHOICES))
-    best = _best_by(selected, lambda r: (str(r["choices"].get("backbone")), str(r["choices"].get("dataset")),
-                                         _sigma(r)))
+    best = _best_by(
+        selected, lambda r: (str(r["choices"].get("backbone")), str(r["choices"].get("dataset")), _sigma(r))
+    )
     curves: dict[tuple[str, str], list[tuple[float, float]]] = {}
     for (backbone, dataset, sigma), result in best.items():
         curves.setdefault((backbone, dataset), []).append((sigma, result["miou"]))

@@ -226,5 +226,6 @@ def _write_cache(path: Path, classifier: Tensor) -> None:
         if path.parent not in _UNWRITABLE:
             _UNWRITABLE.add(path.parent)
             reason = " ".join(f"{type(err).__name__}: {err}".split())[:200]
-            log.warning("could not write the text-classifier cache in %s (%s); going on without it", path.parent,
-                        reason)
+            log.warning(
+                "could not write the text-classifier cache in %s (%s); going on without it", path.parent, reason
+            )

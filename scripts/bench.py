@@ -578,8 +578,14 @@ LABEL_MAP_INPUT = (336, 336)  # the protocol-resized input of a square photo
 def label_map_child(spec: dict[str, Any]) -> dict[str, Any]:
     """Peak RSS above the baseline while one (H, W) label map is built from a protocol-sized input (CPU)."""
     model = load_clip(spec["model"], spec["pretrained"])
-    segmenter = Segmenter(model, LABEL_MAP_CLASSES, templates=["a photo of a {}."], slide_crop=CROP,
-                          slide_stride=STRIDE, tokenizer=get_tokenizer(spec["model"], spec["pretrained"] is None))
+    segmenter = Segmenter(
+        model,
+        LABEL_MAP_CLASSES,
+        templates=["a photo of a {}."],
+        slide_crop=CROP,
+        slide_stride=STRIDE,
+        tokenizer=get_tokenizer(spec["model"], spec["pretrained"] is None),
+    )
     image = torch.randn(3, *LABEL_MAP_INPUT)
     size = tuple(spec["size"])
     gc.collect()
@@ -592,8 +598,14 @@ def label_map_child(spec: dict[str, Any]) -> dict[str, Any]:
         else:
             labels = segmenter.predict_list([image], [size])[0]
     peak_kib = _status_kib("VmHWM") or 0
-    return {"path": spec["path"], "size": list(size), "labels_mb": labels.numel() * labels.element_size() / 2**20,
-            "baseline_mb": base_kib / 1024, "peak_mb": peak_kib / 1024, "delta_mb": (peak_kib - base_kib) / 1024}
+    return {
+        "path": spec["path"],
+        "size": list(size),
+        "labels_mb": labels.numel() * labels.element_size() / 2**20,
+        "baseline_mb": base_kib / 1024,
+        "peak_mb": peak_kib / 1024,
+        "delta_mb": (peak_kib - base_kib) / 1024,
+    }
 
 
 def bench_label_map(model: str, pretrained: str | None, size: Sequence[int]) -> dict[str, Any]:
@@ -608,8 +620,15 @@ def bench_label_map(model: str, pretrained: str | None, size: Sequence[int]) -> 
             rows[path] = {"error": f"exit {proc.returncode}: {tail[0]}"}
             continue
         rows[path] = json.loads(proc.stdout.strip().splitlines()[-1])
-    return {"model": model, "size": list(size), "classes": len(LABEL_MAP_CLASSES), "input": list(LABEL_MAP_INPUT),
-            **rows}
+    return {
+        "model": model,
+        "size": list(size),
+        "classes": len(LABEL_MAP_CLASSES),
+        "input": list(LABEL_MAP_INPUT),
+        **rows,
+    }
+
+
 def make_voc_folder(root: Path, count: int, size: tuple[int, int], num_classes: int = 21) -> None:
     """A VOC-layout folder of random JPEG images and PNG label maps (classes 0..num_classes-1, 255 borders)."""
     from PIL import Image
@@ -630,8 +649,9 @@ def run_naclip(args: Sequence[str], env: dict[str, str]) -> dict[str, Any]:
     """`python -m naclip.run -m ARGS` in a fresh process: its wall time and its own peak RSS (from wait4)."""
     with tempfile.TemporaryFile(mode="w+") as err:
         start = time.perf_counter()
-        proc = subprocess.Popen([sys.executable, "-m", "naclip.run", "-m", *args], env=env,
-                                stdout=subprocess.DEVNULL, stderr=err)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "naclip.run", "-m", *args], env=env, stdout=subprocess.DEVNULL, stderr=err
+        )
         _, status, usage = os.wait4(proc.pid, 0)  # reaps the child: its rusage alone, not all children's
         seconds = time.perf_counter() - start
         proc.returncode = os.waitstatus_to_exitcode(status)
@@ -659,15 +679,27 @@ def bench_sweep(profile: dict[str, Any], pretrained: str | None, device: str) ->
     with tempfile.TemporaryDirectory(prefix="naclip-sweep-bench-") as tmp:
         root = Path(tmp)
         make_voc_folder(root / "voc", profile["sweep_images"], profile["sweep_image"])
-        env = {**os.environ, "NACLIP_OUTPUT": str(root / "out"), "NACLIP_CACHE": str(root / "cache"),
-               "WANDB_MODE": "offline"}
-        common = ["dataset=voc21", f"dataset.root={root / 'voc'}", f"backbone={profile['sweep_backbone']}",
-                  f"backbone.pretrained={'null' if pretrained is None else pretrained}", f"backbone.device={device}",
-                  "num_workers=0", "logger=local"]
+        env = {
+            **os.environ,
+            "NACLIP_OUTPUT": str(root / "out"),
+            "NACLIP_CACHE": str(root / "cache"),
+            "WANDB_MODE": "offline",
+        }
+        common = [
+            "dataset=voc21",
+            f"dataset.root={root / 'voc'}",
+            f"backbone={profile['sweep_backbone']}",
+            f"backbone.pretrained={'null' if pretrained is None else pretrained}",
+            f"backbone.device={device}",
+            "num_workers=0",
+            "logger=local",
+        ]
         if profile["sweep_short_side"] is not None:
             common.append(f"dataset.short_side={profile['sweep_short_side']}")
-        sweeps = {"sigma": [f"attention.sigma={SIGMAS}"],
-                  "attentions": ["attention=vanilla,n_only,kk_sim,full", "arch=vanilla"]}
+        sweeps = {
+            "sigma": [f"attention.sigma={SIGMAS}"],
+            "attentions": ["attention=vanilla,n_only,kk_sim,full", "arch=vanilla"],
+        }
 
         def timed(name: str, extra: list[str]) -> dict[str, Any]:
             print(f"[bench] sweep: {name} ...", file=sys.stderr, flush=True)
@@ -768,17 +800,21 @@ def format_report(result: dict[str, Any]) -> str:
             f"   hit {p['cached_us']:.2f} us [{p['cached_iqr_us']:.2f}]   x{p['speedup']:.0f}"
         )
     t = result["text"]
-    lines += [] if t is None else [
-        "",
-        f"Text tower: {t['model']}, {t['templates']} templates x {t['names']} names = {t['prompts']} prompts, "
-        f"{t['full_tokens']} -> {t['trimmed_tokens']} tokens",
-        f"  full: {t['full_ms']:.1f} ms [{t['full_iqr_ms']:.1f}]   trimmed: {t['trimmed_ms']:.1f} ms "
-        f"[{t['trimmed_iqr_ms']:.1f}]   speed-up x{t['speedup']:.2f} (target >= {TEXT_SPEEDUP_TARGET:.0f})",
-        f"  max deviation 1 - min cosine: {t['max_deviation']:.2e} (target <= {TEXT_DEVIATION_TARGET:.0e})",
-        f"  text_classifier disk cache: miss {t['cache_miss_ms']:.1f} ms [{t['cache_miss_iqr_ms']:.1f}]   "
-        f"hit {t['cache_hit_ms']:.2f} ms [{t['cache_hit_iqr_ms']:.2f}]   x{t['cache_speedup']:.0f}   "
-        f"hit == miss: {t['cache_hit_equal']}",
-    ]
+    lines += (
+        []
+        if t is None
+        else [
+            "",
+            f"Text tower: {t['model']}, {t['templates']} templates x {t['names']} names = {t['prompts']} prompts, "
+            f"{t['full_tokens']} -> {t['trimmed_tokens']} tokens",
+            f"  full: {t['full_ms']:.1f} ms [{t['full_iqr_ms']:.1f}]   trimmed: {t['trimmed_ms']:.1f} ms "
+            f"[{t['trimmed_iqr_ms']:.1f}]   speed-up x{t['speedup']:.2f} (target >= {TEXT_SPEEDUP_TARGET:.0f})",
+            f"  max deviation 1 - min cosine: {t['max_deviation']:.2e} (target <= {TEXT_DEVIATION_TARGET:.0e})",
+            f"  text_classifier disk cache: miss {t['cache_miss_ms']:.1f} ms [{t['cache_miss_iqr_ms']:.1f}]   "
+            f"hit {t['cache_hit_ms']:.2f} ms [{t['cache_hit_iqr_ms']:.2f}]   x{t['cache_speedup']:.0f}   "
+            f"hit == miss: {t['cache_hit_equal']}",
+        ]
+    )
     d = result["data"]  # format_report is only called on a full run, which always has it
     lines += [
         "",
@@ -803,13 +839,20 @@ def format_report(result: dict[str, Any]) -> str:
     lm = result.get("label_map")
     if lm is not None:
         megapixels = lm["size"][0] * lm["size"][1] / 1e6
-        lines += ["", f"Label map of a {lm['size'][0]}x{lm['size'][1]} image ({megapixels:.0f} MP), {lm['classes']} "
-                  f"classes, input {lm['input'][0]}x{lm['input'][1]}, {lm['model']} (peak RSS above baseline, MiB)"]
+        lines += [
+            "",
+            f"Label map of a {lm['size'][0]}x{lm['size'][1]} image ({megapixels:.0f} MP), {lm['classes']} "
+            f"classes, input {lm['input'][0]}x{lm['input'][1]}, {lm['model']} (peak RSS above baseline, MiB)",
+        ]
         for path, label in (("bands", "Segmenter.label_map (bands)"), ("one_shot", "predict_list (one shot)")):
             row = lm[path]
-            shown = row["error"] if "error" in row else (
-                f"peak - baseline {row['delta_mb']:.0f}   peak {row['peak_mb']:.0f}   (labels alone "
-                f"{row['labels_mb']:.0f})"
+            shown = (
+                row["error"]
+                if "error" in row
+                else (
+                    f"peak - baseline {row['delta_mb']:.0f}   peak {row['peak_mb']:.0f}   (labels alone "
+                    f"{row['labels_mb']:.0f})"
+                )
             )
             lines.append(f"  {label:<28} {shown}")
     return "\n".join(lines)
@@ -895,9 +938,14 @@ def format_proxy(result: dict[str, Any]) -> list[str]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", nargs="+", default=None, help="open_clip model names, any CLIP family "
-                        "(ViT-B-16, ViT-B-16-quickgelu, ViT-L-14, EVA02-B-16, ViT-B-16-SigLIP, ViT-B-16-SigLIP2; "
-                        "default ViT-B-16 ViT-B-32)")
+    parser.add_argument(
+        "--models",
+        nargs="+",
+        default=None,
+        help="open_clip model names, any CLIP family "
+        "(ViT-B-16, ViT-B-16-quickgelu, ViT-L-14, EVA02-B-16, ViT-B-16-SigLIP, ViT-B-16-SigLIP2; "
+        "default ViT-B-16 ViT-B-32)",
+    )
     parser.add_argument("--repeats", type=int, default=None, help="timed rounds per section (default 10)")
     parser.add_argument("--text-repeats", type=int, default=None, help="rounds of the slow text section (default 3)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -907,8 +955,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--memory-model", default=None, help="model of --memory (default ViT-L-14; --quick: first)")
     parser.add_argument("--out", default=None, help="write the result as JSON here")
     parser.add_argument("--quick", action="store_true", help="tiny sizes for tests: ViT-B-32, 2 rounds, tiny images")
-    parser.add_argument("--label-map", action="store_true",
-                        help="also measure the peak memory of a 100-megapixel label map (bands vs one shot)")
+    parser.add_argument(
+        "--label-map",
+        action="store_true",
+        help="also measure the peak memory of a 100-megapixel label map (bands vs one shot)",
+    )
     parser.add_argument("--methods", nargs="+", default=None, help="registered methods to time (default all)")
     parser.add_argument("--methods-only", action="store_true", help="run only the encoder section's methods")
     parser.add_argument("--sweep", action="store_true", help="also run the basic vs fused launcher sweep section")
@@ -992,7 +1043,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 print(f"[bench] batching {name} ...", file=sys.stderr, flush=True)
                 tokenizer = get_tokenizer(name, random_weights=args.pretrained is None)
                 result["batching"] = bench_batching(
-                    name, model, device, profile["batch_images"], profile["batch_image"], args.repeats, warmup, sync,
+                    name,
+                    model,
+                    device,
+                    profile["batch_images"],
+                    profile["batch_image"],
+                    args.repeats,
+                    warmup,
+                    sync,
                     tokenizer,
                 )
             if result.get("text") is None and hasattr(model, "token_embedding"):  # CLIP's BPE text tower only

@@ -75,7 +75,10 @@ def position_embedding(visual: torch.nn.Module, rows: int, cols: int, square: bo
         return pos
     grid = pos[1:].reshape(1, g0, g0, -1).permute(0, 3, 1, 2)  # (1, C, g0, g0)
     grid = F.interpolate(
-        grid, scale_factor=((rows + 0.1) / g0, (cols + 0.1) / g0), mode="bicubic", align_corners=False,
+        grid,
+        scale_factor=((rows + 0.1) / g0, (cols + 0.1) / g0),
+        mode="bicubic",
+        align_corners=False,
         recompute_scale_factor=False,
     )
     assert grid.shape[-2:] == (rows, cols)

@@ -482,8 +482,15 @@ def test_hf_layout_from_local_parquet(parquet_file):
 
 @pytest.mark.parametrize(
     ("class_names", "background_index", "first"),
-    [("voc21", None, "background"), ("coco_object", None, "background"), ("pc60", None, "background"),
-     ("ade", None, "wall"), ("voc20", None, "aeroplane"), ("voc21", 3, "sky"), ("ade", 2, "wall")],
+    [
+        ("voc21", None, "background"),
+        ("coco_object", None, "background"),
+        ("pc60", None, "background"),
+        ("ade", None, "wall"),
+        ("voc20", None, "aeroplane"),
+        ("voc21", 3, "sky"),
+        ("ade", 2, "wall"),
+    ],
 )
 def test_hf_reports_class_zero_as_background_where_the_class_names_say_so(
     parquet_file, class_names, background_index, first

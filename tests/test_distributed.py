@@ -86,8 +86,9 @@ def test_without_torchrun_is_rank_zero_of_one(monkeypatch: pytest.MonkeyPatch) -
 def _rank(rank: int, world: int, port: int, overrides: list[str], out: str) -> None:
     """One rank of a gloo group running the runner's evaluate, with the variables torchrun would export."""
     torch.set_num_threads(1)  # forked from a process that used OpenMP: stay single-threaded
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
+    os.environ.update(
+        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
     from naclip.run import evaluate
 
     cfg = job_config(overrides)
@@ -150,15 +151,20 @@ def test_slurm_launcher_without_slurm_is_one_line_before_the_sweep(tmp_path, mon
     from naclip.jobs import JobSummary
 
     with initialize_config_dir(config_dir=config.config_dir(), version_base="1.3"):
-        cfg = compose("config", overrides=["hydra/launcher=slurm", f"hydra.sweep.dir={tmp_path / 'sweep'}"],
-                      return_hydra_config=True)
+        cfg = compose(
+            "config",
+            overrides=["hydra/launcher=slurm", f"hydra.sweep.dir={tmp_path / 'sweep'}"],
+            return_hydra_config=True,
+        )
     monkeypatch.setenv("PATH", str(tmp_path / "bin"))  # no srun here
     with pytest.raises(SystemExit) as exc:
         JobSummary().on_multirun_start(cfg)
     assert exc.value.code == 2
     lines = capsys.readouterr().err.splitlines()
-    assert lines == ["naclip.run: error: hydra/launcher=slurm needs a SLURM cluster ('srun' is not on PATH); on "
-                     "this machine use hydra/launcher=submitit_local to try the launcher, or hydra/launcher=fused"]
+    assert lines == [
+        "naclip.run: error: hydra/launcher=slurm needs a SLURM cluster ('srun' is not on PATH); on "
+        "this machine use hydra/launcher=submitit_local to try the launcher, or hydra/launcher=fused"
+    ]
     assert not (tmp_path / "sweep").exists()
 
     srun = tmp_path / "bin" / "srun"  # on a cluster the sweep starts
@@ -299,8 +305,15 @@ def test_submitit_job_with_two_tasks_is_one_distributed_evaluation(work: Path, s
     sweep = work / "tasks"
     run_python(
         [
-            "-m", "naclip.run", "-m", "hydra/launcher=submitit_local", *ODD, "batch_size=1",
-            f"hydra.sweep.dir={sweep}", "hydra.launcher.timeout_min=10", "hydra.launcher.cpus_per_task=1",
+            "-m",
+            "naclip.run",
+            "-m",
+            "hydra/launcher=submitit_local",
+            *ODD,
+            "batch_size=1",
+            f"hydra.sweep.dir={sweep}",
+            "hydra.launcher.timeout_min=10",
+            "hydra.launcher.cpus_per_task=1",
             "hydra.launcher.tasks_per_node=2",
         ],
         work,

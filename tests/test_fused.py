@@ -23,10 +23,22 @@ CONF = Path(naclip_config.config_dir())
 NAMES = ["black background", "red circle", "green square", "blue triangle"]
 ONE_TEMPLATE = ("a photo of a {}.",)
 # prob_thd near the median best-class probability of random weights, so σ, attention and PAMR change the labels
-SMOKE = ["dataset=synthetic", "backbone=b32", "backbone.pretrained=null", "num_workers=0", "dataset.num_images=2",
-         "dataset.prob_thd=0.215"]
-TIMING = {"seconds_eval", "seconds_model_load", "seconds_text_classifier", "images_per_sec", "peak_memory_mb",
-          "finished_at"}
+SMOKE = [
+    "dataset=synthetic",
+    "backbone=b32",
+    "backbone.pretrained=null",
+    "num_workers=0",
+    "dataset.num_images=2",
+    "dataset.prob_thd=0.215",
+]
+TIMING = {
+    "seconds_eval",
+    "seconds_model_load",
+    "seconds_text_classifier",
+    "images_per_sec",
+    "peak_memory_mb",
+    "finished_at",
+}
 VARIANTS = [
     {"sigma": 2.0},
     {"sigma": 6.0},
@@ -45,17 +57,35 @@ def images() -> list[torch.Tensor]:
     return [torch.randn(3, 96, 128), torch.randn(3, 64, 96)]
 
 
-@pytest.mark.parametrize(("slide_crop", "pad_crops"), [(64, False), (0, False), (100, True)],
-                         ids=["slide", "whole", "padded-crops"])  # 100: 128-wide images get 100-wide crops, padded
+@pytest.mark.parametrize(
+    ("slide_crop", "pad_crops"), [(64, False), (0, False), (100, True)], ids=["slide", "whole", "padded-crops"]
+)  # 100: 128-wide images get 100-wide crops, padded
 def test_fused_segmenter_equals_each_variant_alone_bit_for_bit(b32, cache, slide_crop, pad_crops):
-    fused = FusedSegmenter.create(b32, NAMES, VARIANTS, cache_dir=cache, templates=ONE_TEMPLATE,
-                                  slide_crop=slide_crop, slide_stride=32, crop_batch_size=3, pad_crops=pad_crops)
+    fused = FusedSegmenter.create(
+        b32,
+        NAMES,
+        VARIANTS,
+        cache_dir=cache,
+        templates=ONE_TEMPLATE,
+        slide_crop=slide_crop,
+        slide_stride=32,
+        crop_batch_size=3,
+        pad_crops=pad_crops,
+    )
     ims = images()
     logits, labels = fused.logits_list(ims), fused.predict_list(ims, [(48, 64), None])
     assert len(logits) == len(labels) == len(VARIANTS)
     for v, kwargs in enumerate(VARIANTS):
-        alone = Segmenter(b32, NAMES, templates=ONE_TEMPLATE, slide_crop=slide_crop, slide_stride=32,
-                          crop_batch_size=3, pad_crops=pad_crops, **kwargs)
+        alone = Segmenter(
+            b32,
+            NAMES,
+            templates=ONE_TEMPLATE,
+            slide_crop=slide_crop,
+            slide_stride=32,
+            crop_batch_size=3,
+            pad_crops=pad_crops,
+            **kwargs,
+        )
         for got, want in zip(logits[v], alone.logits_list(ims), strict=True):
             assert torch.equal(got, want)
         for got, want in zip(labels[v], alone.predict_list(ims, [(48, 64), None]), strict=True):
@@ -64,8 +94,9 @@ def test_fused_segmenter_equals_each_variant_alone_bit_for_bit(b32, cache, slide
 
 
 def test_fused_predict_stacks_each_variant(b32, cache):
-    fused = FusedSegmenter.create(b32, NAMES, VARIANTS[:2], cache_dir=cache, templates=ONE_TEMPLATE,
-                                  slide_crop=64, slide_stride=32)
+    fused = FusedSegmenter.create(
+        b32, NAMES, VARIANTS[:2], cache_dir=cache, templates=ONE_TEMPLATE, slide_crop=64, slide_stride=32
+    )
     batch = torch.randn(2, 3, 64, 96)
     out = fused.predict(batch)
     assert [tuple(o.shape) for o in out] == [(2, 64, 96)] * 2
@@ -74,12 +105,15 @@ def test_fused_predict_stacks_each_variant(b32, cache):
 
 def test_trunk_runs_once_per_chunk_for_all_variants(b32, cache):
     """Blocks 1..L-1 run once per chunk of crops, whatever the number of variants; the last block once per variant."""
-    fused = FusedSegmenter.create(b32, NAMES, VARIANTS, cache_dir=cache, templates=ONE_TEMPLATE,
-                                  slide_crop=64, slide_stride=32, crop_batch_size=3)
+    fused = FusedSegmenter.create(
+        b32, NAMES, VARIANTS, cache_dir=cache, templates=ONE_TEMPLATE, slide_crop=64, slide_stride=32, crop_batch_size=3
+    )
     blocks = b32.visual.transformer.resblocks
     calls = {"first": 0, "last": 0}
-    hooks = [blocks[0].mlp.register_forward_hook(lambda *_: calls.__setitem__("first", calls["first"] + 1)),
-             blocks[-1].ln_1.register_forward_hook(lambda *_: calls.__setitem__("last", calls["last"] + 1))]
+    hooks = [
+        blocks[0].mlp.register_forward_hook(lambda *_: calls.__setitem__("first", calls["first"] + 1)),
+        blocks[-1].ln_1.register_forward_hook(lambda *_: calls.__setitem__("last", calls["last"] + 1)),
+    ]
     try:
         fused.predict_list(images())
     finally:
@@ -95,10 +129,16 @@ def test_variants_with_different_position_rules_run_one_trunk_pass_per_rule(b32,
     """GEM and CLIP Surgery resize position embeddings their authors' way, so on a non-pretraining grid their trunk
     differs from NACLIP's: one pass per distinct rule per chunk (variants of one rule still share it), and every
     variant still equals itself alone bit for bit."""
-    variants = [{"sigma": 2.0}, {"method": "gem"}, {"method": "clip_surgery"}, {"method": "gem",
-                "method_options": {"iterations": 2}}, {"attention": "vanilla", "arch": "vanilla"}]
-    fused = FusedSegmenter.create(b32, NAMES, variants, cache_dir=cache, templates=ONE_TEMPLATE,
-                                  slide_crop=64, slide_stride=32, crop_batch_size=3)
+    variants = [
+        {"sigma": 2.0},
+        {"method": "gem"},
+        {"method": "clip_surgery"},
+        {"method": "gem", "method_options": {"iterations": 2}},
+        {"attention": "vanilla", "arch": "vanilla"},
+    ]
+    fused = FusedSegmenter.create(
+        b32, NAMES, variants, cache_dir=cache, templates=ONE_TEMPLATE, slide_crop=64, slide_stride=32, crop_batch_size=3
+    )
     ims = images()
     alone = [variant.logits_list(ims) for variant in fused.variants]
     calls = []
@@ -125,8 +165,11 @@ def test_variants_with_other_chunking_get_their_own_trunk_passes(b32, cache):
     passes and every variant still equals itself alone bit for bit."""
     common = {"templates": ONE_TEMPLATE, "cache_dir": cache, "slide_crop": 64, "slide_stride": 32}
     capped = Segmenter(b32, NAMES, crop_batch_size=3, method=OneCropPerForward(DenseEncoder(b32)), **common)
-    variants = [Segmenter(b32, NAMES, crop_batch_size=3, **common), capped,
-                Segmenter(b32, NAMES, crop_batch_size=2, sigma=2.0, **common)]
+    variants = [
+        Segmenter(b32, NAMES, crop_batch_size=3, **common),
+        capped,
+        Segmenter(b32, NAMES, crop_batch_size=2, sigma=2.0, **common),
+    ]
     ims = images()
     crops, _ = capped.crops(ims)
     assert capped.chunk_size == 1 and all(len(chunk) == 1 for chunk in capped.chunks(crops))
@@ -149,8 +192,12 @@ def test_variants_that_cannot_share_a_pass_are_rejected(b32, b16, cache):
     with pytest.raises(ValueError, match="slide_crop"):
         FusedSegmenter([Segmenter(b32, NAMES, slide_crop=64, **common), Segmenter(b32, NAMES, slide_crop=96, **common)])
     with pytest.raises(ValueError, match="slide_stride"):
-        FusedSegmenter([Segmenter(b32, NAMES, slide_crop=64, slide_stride=32, **common),
-                        Segmenter(b32, NAMES, slide_crop=64, slide_stride=48, **common)])
+        FusedSegmenter(
+            [
+                Segmenter(b32, NAMES, slide_crop=64, slide_stride=32, **common),
+                Segmenter(b32, NAMES, slide_crop=64, slide_stride=48, **common),
+            ]
+        )
     with pytest.raises(ValueError, match="pad_crops"):
         FusedSegmenter([Segmenter(b32, NAMES, **common), Segmenter(b32, NAMES, pad_crops=True, **common)])
     with pytest.raises(ValueError, match="model"):
@@ -249,8 +296,9 @@ def test_fused_sweep_records_each_job_once_and_only_its_own_sweep(tmp_path, monk
     sweep_in_process(monkeypatch, [*SMOKE, "max_images=1", "attention.sigma=2,6", "hydra/launcher=fused"])
     assert (alone, groups, built) == ([], [2], [2.0, 6.0])  # one pass for both, neither job run again alone
     assert statuses() == {2.0: "finished", 6.0: "finished"}
-    texts = {r["config"]["attention"]["sigma"]: r["seconds_text_classifier"] for r in results(tmp_path / "outputs")
-             .values()}
+    texts = {
+        r["config"]["attention"]["sigma"]: r["seconds_text_classifier"] for r in results(tmp_path / "outputs").values()
+    }
     assert texts == {2.0: 101.0, 6.0: 102.0}
     assert "sweep summary: 2 finished, 0 skipped, 0 failed" in capsys.readouterr().out
 
@@ -263,8 +311,9 @@ def test_fused_sweep_records_each_job_once_and_only_its_own_sweep(tmp_path, monk
 
 def cli(args: list[str], out: Path, cache: Path, **extra_env: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "NACLIP_OUTPUT": str(out), "NACLIP_CACHE": str(cache), "WANDB_MODE": "offline", **extra_env}
-    return subprocess.run([sys.executable, "-m", "naclip.run", "-m", *args], capture_output=True, text=True, env=env,
-                          check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "naclip.run", "-m", *args], capture_output=True, text=True, env=env, check=False
+    )
 
 
 def comparable(result: dict) -> dict:
@@ -281,8 +330,11 @@ def results(out: Path) -> dict[str, dict]:
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "sweep",
-    [["attention.sigma=1,2,5,9"], ["attention=vanilla,kk_sim,n_only,full", "arch=vanilla,reduced"],
-     ["refine=none,pamr", "attention.sigma=3,5"]],
+    [
+        ["attention.sigma=1,2,5,9"],
+        ["attention=vanilla,kk_sim,n_only,full", "arch=vanilla,reduced"],
+        ["refine=none,pamr", "attention.sigma=3,5"],
+    ],
     ids=["sigma", "attention-x-arch", "refine"],
 )
 def test_fused_launcher_writes_what_the_basic_launcher_writes(tmp_path, cache, sweep):

@@ -192,8 +192,13 @@ def scene_probs() -> torch.Tensor:
 )
 def test_area_thd_on_a_hand_worked_map(b32, area_thd, prob_thd, expected):
     seg = Segmenter(
-        b32, ["background", "cat", "dog", "bird"], templates=("a {}.",), slide_crop=0,
-        logit_scale=1.0, prob_thd=prob_thd, area_thd=area_thd or None,
+        b32,
+        ["background", "cat", "dog", "bird"],
+        templates=("a {}.",),
+        slide_crop=0,
+        logit_scale=1.0,
+        prob_thd=prob_thd,
+        area_thd=area_thd or None,
     )
     # log-probabilities as logits: with logit_scale 1 the softmax gives back exactly the scene's probabilities
     seg.logits = lambda images: torch.log(scene_probs().clamp_min(1e-12))[None]
@@ -229,8 +234,17 @@ BENCHMARKS = ["voc21", "pc60", "coco_object", "voc20", "cityscapes", "pc59", "ad
 KEYS = ("short_side", "slide_crop", "slide_stride", "logit_scale", "prob_thd", "area_thd")
 # NACLIP's protocol (the dataset configs): short side 336 (City 560), slide 224/112 but whole image on VOC,
 # logit scale 40, prob_thd 0.1 on the three sets with background.
-NACLIP = {d: (560 if d == "cityscapes" else 336, 0 if d in ("voc21", "voc20") else 224, 112, 40.0,
-              0.1 if d in ("voc21", "pc60", "coco_object") else 0.0, 0.0) for d in BENCHMARKS}
+NACLIP = {
+    d: (
+        560 if d == "cityscapes" else 336,
+        0 if d in ("voc21", "voc20") else 224,
+        112,
+        40.0,
+        0.1 if d in ("voc21", "pc60", "coco_object") else 0.0,
+        0.0,
+    )
+    for d in BENCHMARKS
+}
 SCLIP = {
     "voc21": (336, 224, 112, 65.0, 0.1, 0.1),
     "pc60": (336, 224, 112, 50.0, 0.1, 0.0),
@@ -355,19 +369,33 @@ def fake(
     precision: str | None = None,
 ) -> dict:
     spec = METHODS[method]
-    choices = {"backbone": "b16", "refine": "none", "method": method, "dataset": dataset,
-               "attention": attention_name or spec.attention, "arch": spec.arch}
+    choices = {
+        "backbone": "b16",
+        "refine": "none",
+        "method": method,
+        "dataset": dataset,
+        "attention": attention_name or spec.attention,
+        "arch": spec.arch,
+    }
     backbone = {} if precision is None else {"precision": precision}  # None: a result from before the key
-    return {"choices": choices, "miou": miou, "finished_at": "2026-01-01T00:00:00+00:00",
-            "config": {"dataset": {"protocol": protocol}, "attention": {"sigma": None}, "backbone": backbone}}
+    return {
+        "choices": choices,
+        "miou": miou,
+        "finished_at": "2026-01-01T00:00:00+00:00",
+        "config": {"dataset": {"protocol": protocol}, "attention": {"sigma": None}, "backbone": backbone},
+    }
 
 
 def test_methods_table_rows():
     results = [fake("sclip", d, 50.0 + i, "sclip") for i, d in enumerate(BENCHMARKS)]
-    results += [fake("sclip", "voc21", 11.0, "dataset", precision="fp16"),
-                fake("sclip", "voc21", 99.0, "sclip", attention_name="full")]
-    results += [fake("clearclip", "voc21", 40.0, "clearclip", precision="fp16"),
-                fake("clearclip", "pc60", 30.0, "clearclip", precision="fp32")]
+    results += [
+        fake("sclip", "voc21", 11.0, "dataset", precision="fp16"),
+        fake("sclip", "voc21", 99.0, "sclip", attention_name="full"),
+    ]
+    results += [
+        fake("clearclip", "voc21", 40.0, "clearclip", precision="fp16"),
+        fake("clearclip", "pc60", 30.0, "clearclip", precision="fp32"),
+    ]
     table = methods_table(results)
     assert table.value("SCLIP [fp32]", "V21") == 50.0 and table.value("SCLIP [fp32]", "C-Stf") == 57.0
     assert table.value("SCLIP [fp32]", "Avg") == pytest.approx(53.5)
@@ -470,8 +498,9 @@ def test_misspelt_protocol_is_one_clear_error(tmp_path):
     """`protocol` is an optional group, so Hydra alone would skip an unknown name; the runner must not."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "NACLIP_OUTPUT": str(tmp_path / "out")}
     args = ["protocol=shard", "method=sclip", "dataset=synthetic", "backbone=b32", "backbone.pretrained=null"]
-    proc = subprocess.run([sys.executable, "-m", "naclip.run", *args], cwd=tmp_path, env=env, capture_output=True,
-                          text=True, check=False)
+    proc = subprocess.run(
+        [sys.executable, "-m", "naclip.run", *args], cwd=tmp_path, env=env, capture_output=True, text=True, check=False
+    )
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("naclip.run: error: unknown protocol 'shard'")
     assert "sclip_voc21" in proc.stderr and "shared" in proc.stderr

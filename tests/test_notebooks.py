@@ -15,9 +15,7 @@ def _execute(name: str) -> nbformat.NotebookNode:
     from nbclient import NotebookClient
 
     notebook = nbformat.read(NOTEBOOKS / name, as_version=4)
-    client = NotebookClient(
-        notebook, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOKS)}}
-    )
+    client = NotebookClient(notebook, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOKS)}})
     client.execute()  # raises CellExecutionError on the first failing cell
     return notebook
 

@@ -29,8 +29,14 @@ from naclip.data.synthetic import make_sample  # the data, not the pipeline: gen
 
 # seed 3 draws random ViT-B/32 weights that predict two of the four synthetic classes with partial overlaps
 # (random weights never separate them all), so the IoUs are non-trivial numbers that any change moves
-SYNTHETIC = ["dataset=synthetic", "backbone=b32", "backbone.pretrained=null", "num_workers=0", "seed=3",
-             "dataset.num_images=2"]
+SYNTHETIC = [
+    "dataset=synthetic",
+    "backbone=b32",
+    "backbone.pretrained=null",
+    "num_workers=0",
+    "seed=3",
+    "dataset.num_images=2",
+]
 
 
 def evaluate_in_process(overrides: list[str], out: Path) -> dict[str, Any]:
@@ -63,8 +69,18 @@ def reference_ious(cfg: Any, samples: list[tuple[np.ndarray, np.ndarray]], names
     preds = []
     for rgb, label in samples:
         x = ref.normalize(ref.resize(rgb, data.short_side, data.max_long_side))
-        labels = ref.predict_labels(model, classifier, owner, x, label.shape, slide=slide, logit_scale=data.logit_scale,
-                                    prob_thd=data.prob_thd, refine=refine, **method)
+        labels = ref.predict_labels(
+            model,
+            classifier,
+            owner,
+            x,
+            label.shape,
+            slide=slide,
+            logit_scale=data.logit_scale,
+            prob_thd=data.prob_thd,
+            refine=refine,
+            **method,
+        )
         preds.append(labels.numpy())
     return ref.iou_percent(preds, [label for _, label in samples], len(names), data.ignore_index)
 
@@ -123,8 +139,13 @@ def test_demo_cli_run_equals_plain_pipeline(work: Path, extra: list[str]) -> Non
     out = work / ("demo-pamr" if extra else "demo")
     args = ["dataset=demo", "backbone.pretrained=null", *extra, f"text_cache_dir={work / 'cache'}"]
     env = {**os.environ, "NACLIP_OUTPUT": str(work / "outputs"), "WANDB_MODE": "offline"}
-    proc = subprocess.run([sys.executable, "-m", "naclip.run", *args, f"hydra.run.dir={out}"], capture_output=True,
-                          text=True, env=env, check=False)
+    proc = subprocess.run(
+        [sys.executable, "-m", "naclip.run", *args, f"hydra.run.dir={out}"],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((out / "result.json").read_text())
     cfg = OmegaConf.create(result["config"])

@@ -54,8 +54,15 @@ PREDICT_PRESETS = {
 @pytest.mark.parametrize("method", sorted(PREDICT_PRESETS))
 def test_method_presets_bring_their_protocol(method):
     cfg = _cfg("image=x.png", "classes=[a]", f"method={method}")
-    got = (cfg.attention.name, cfg.arch.name, cfg.short_side, cfg.slide_crop, cfg.slide_stride, cfg.logit_scale,
-           cfg.protocol)
+    got = (
+        cfg.attention.name,
+        cfg.arch.name,
+        cfg.short_side,
+        cfg.slide_crop,
+        cfg.slide_stride,
+        cfg.logit_scale,
+        cfg.protocol,
+    )
     assert got == PREDICT_PRESETS[method]
     assert (cfg.prob_thd, cfg.area_thd) == (0.0, 0.0)
     mine = _cfg("image=x.png", "classes=[a]", f"method={method}", "short_side=512", "logit_scale=30")
@@ -67,11 +74,23 @@ def test_help_lists_only_the_groups_predict_accepts():
     with initialize_config_dir(config_dir=config.config_dir(), version_base="1.3"):
         cfg = compose("predict", overrides=["image=x", "classes=[a]"], return_hydra_config=True)
         template = cfg.hydra.help.template
-        listed = {line.split(":")[0]: line.split(": ")[1].split(", ") for line in template.splitlines()
-                  if ": " in line and line.split(":")[0].isidentifier()}
+        listed = {
+            line.split(":")[0]: line.split(": ")[1].split(", ")
+            for line in template.splitlines()
+            if ": " in line and line.split(":")[0].isidentifier()
+        }
         assert set(listed) == {"method", "backbone", "attention", "arch", "refine"}
         assert listed["method"] == [
-            "cass", "clearclip", "clip", "clip_surgery", "gem", "maskclip", "naclip", "proxyclip", "resclip", "scclip",
+            "cass",
+            "clearclip",
+            "clip",
+            "clip_surgery",
+            "gem",
+            "maskclip",
+            "naclip",
+            "proxyclip",
+            "resclip",
+            "scclip",
             "sclip",
         ]
         assert {"full", "kk_sim", "vanilla"} <= set(listed["attention"]) and listed["refine"] == ["none", "pamr"]
@@ -135,8 +154,9 @@ def test_normalize_images_scales_pixels_to_unit_range_before_clip_statistics():
     got = normalize_images(pixels, mean, std)
     assert got.dtype == torch.float32
     torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
-    torch.testing.assert_close(normalize_images(pixels[None].repeat(2, 1, 1, 1), mean, std)[1], expected, atol=1e-6,
-                               rtol=0)
+    torch.testing.assert_close(
+        normalize_images(pixels[None].repeat(2, 1, 1, 1), mean, std)[1], expected, atol=1e-6, rtol=0
+    )
 
 
 def test_predictor_returns_labels_at_the_image_size(tmp_path):
@@ -145,8 +165,9 @@ def test_predictor_returns_labels_at_the_image_size(tmp_path):
     _write_image(path, 448, 448, seed=3, block=2)
     classes, templates = [["sky"], ["tree", "bush"], ["car"]], ["a photo of a {}."]
     torch.manual_seed(11)
-    predictor = Predictor(classes, model="ViT-B-32", pretrained=None, device="cpu", short_side=224, slide_crop=0,
-                          templates=templates)
+    predictor = Predictor(
+        classes, model="ViT-B-32", pretrained=None, device="cpu", short_side=224, slide_crop=0, templates=templates
+    )
     labels = predictor(str(path))
     assert labels.shape == (448, 448) and labels.dtype == torch.int64
 
@@ -327,8 +348,16 @@ def test_overlays_from_random_weights_carry_a_red_mark(tmp_path, monkeypatch, b3
     monkeypatch.setattr("naclip.clip.load_clip", lambda *args, **kwargs: b32)  # stands in for either weights
     _write_image(tmp_path / "x.png", 64, 96, block=2)
     out = tmp_path / "out"
-    run(_cfg(f"image={tmp_path / 'x.png'}", "classes=[sky, tree]", "short_side=64", "slide_crop=0",
-             f"backbone.pretrained={pretrained}"), out)
+    run(
+        _cfg(
+            f"image={tmp_path / 'x.png'}",
+            "classes=[sky, tree]",
+            "short_side=64",
+            "slide_crop=0",
+            f"backbone.pretrained={pretrained}",
+        ),
+        out,
+    )
     pixels = np.asarray(Image.open(out / "x_overlay.png"))
     r, g, b = (pixels[-1, :, i].astype(int) for i in range(3))
     red_bottom_row = bool(((r > 180) & (g < 60) & (b < 60)).all())

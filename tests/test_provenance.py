@@ -39,8 +39,16 @@ pytestmark = pytest.mark.usefixtures("isolated_env")
         ({}, 1000, 0, False, ["split holds 1000 images, the protocol 1449"]),
         ({"dataset": {"expected_images": None}}, 7, 0, False, []),
     ],
-    ids=["full", "random", "max-images", "max-images-above-split", "max-images-equal-split", "skipped", "short-split",
-         "no-protocol-count"],
+    ids=[
+        "full",
+        "random",
+        "max-images",
+        "max-images-above-split",
+        "max-images-equal-split",
+        "skipped",
+        "short-split",
+        "no-protocol-count",
+    ],
 )
 def test_provenance_facts(overrides, images, skipped, random_weights, reasons):
     cfg = {"backbone": {"pretrained": "openai"}, "max_images": None, "dataset": {"expected_images": 1449}}
@@ -69,12 +77,25 @@ def test_caveats_of_results_written_before_provenance(config_part, skipped, expe
 
 def test_run_tags_name_caveats_and_method_choices():
     result = {
-        "choices": {"backbone": "b16", "attention": "kk_sim", "arch": "vanilla", "refine": "none",
-                    "dataset": "voc21", "logger": "wandb"},
+        "choices": {
+            "backbone": "b16",
+            "attention": "kk_sim",
+            "arch": "vanilla",
+            "refine": "none",
+            "dataset": "voc21",
+            "logger": "wandb",
+        },
         "provenance": {"random_weights": True, "partial": True},
     }
-    assert run_tags(result) == ["random-weights", "partial", "attention:kk_sim", "arch:vanilla", "backbone:b16",
-                                "dataset:voc21", "refine:none"]
+    assert run_tags(result) == [
+        "random-weights",
+        "partial",
+        "attention:kk_sim",
+        "arch:vanilla",
+        "backbone:b16",
+        "dataset:voc21",
+        "refine:none",
+    ]
     result["provenance"] = {"random_weights": False, "partial": False}
     assert "random-weights" not in run_tags(result) and "partial" not in run_tags(result)
 
@@ -122,8 +143,14 @@ def test_voc_background_is_reported_as_background_and_short_split_is_partial(tmp
     names_file = tmp_path / "voc3.txt"
     names_file.write_text("sky, wall, tree\naeroplane\nbicycle\n", encoding="utf-8")
     result = evaluate_job(
-        ["dataset=voc21", f"dataset.root={root}", f"dataset.class_names={names_file}", "backbone=b32",
-         "backbone.pretrained=null", "num_workers=0"],
+        [
+            "dataset=voc21",
+            f"dataset.root={root}",
+            f"dataset.class_names={names_file}",
+            "backbone=b32",
+            "backbone.pretrained=null",
+            "num_workers=0",
+        ],
         tmp_path / "job",
     )
     assert list(result["per_class_iou"]) == ["background", "aeroplane", "bicycle"]
@@ -132,8 +159,16 @@ def test_voc_background_is_reported_as_background_and_short_split_is_partial(tmp
 
 @pytest.mark.parametrize(
     ("dataset", "background"),
-    [("voc21", "background"), ("pc60", "background"), ("coco_object", "background"), ("demo", "background"),
-     ("voc20", "aeroplane"), ("pc59", "aeroplane"), ("ade", "wall"), ("cityscapes", "road")],
+    [
+        ("voc21", "background"),
+        ("pc60", "background"),
+        ("coco_object", "background"),
+        ("demo", "background"),
+        ("voc20", "aeroplane"),
+        ("pc59", "aeroplane"),
+        ("ade", "wall"),
+        ("cityscapes", "road"),
+    ],
 )
 def test_class_zero_display_name_per_dataset(dataset, background):
     from naclip.data import display_names, load_class_names
@@ -146,8 +181,19 @@ def test_class_zero_display_name_per_dataset(dataset, background):
 
 @pytest.mark.parametrize(
     ("dataset", "count"),
-    [("voc21", 1449), ("voc20", 1449), ("pc60", 5105), ("pc59", 5105), ("ade", 2000), ("cityscapes", 500),
-     ("coco_stuff", 5000), ("coco_object", 5000), ("demo", None), ("synthetic", None), ("hf", None)],
+    [
+        ("voc21", 1449),
+        ("voc20", 1449),
+        ("pc60", 5105),
+        ("pc59", 5105),
+        ("ade", 2000),
+        ("cityscapes", 500),
+        ("coco_stuff", 5000),
+        ("coco_object", 5000),
+        ("demo", None),
+        ("synthetic", None),
+        ("hf", None),
+    ],
 )
 def test_expected_image_counts_are_the_protocols(dataset, count):
     assert compose_config([f"dataset={dataset}"]).dataset.expected_images == count
@@ -159,8 +205,14 @@ def test_runtime_keys_reuse_a_finished_result_and_wandb_still_logs_it(tmp_path, 
 
     out = tmp_path / "job"
     first = evaluate_job(SMOKE, out)
-    runtime_only = ["num_workers=1", "batch_size=2", "crop_batch_size=8", "log_every=1", "backbone.device=cpu",
-                    "experiment_name=other"]
+    runtime_only = [
+        "num_workers=1",
+        "batch_size=2",
+        "crop_batch_size=8",
+        "log_every=1",
+        "backbone.device=cpu",
+        "experiment_name=other",
+    ]
     again = evaluate_job([*SMOKE, *runtime_only, "logger=wandb"], out)
     assert again["finished_at"] == first["finished_at"]
     assert "skipped" in capsys.readouterr().out
@@ -177,8 +229,9 @@ def _finished(folder: Path, overrides: list[str], miou: float) -> None:
     """A finished result.json as a run of `overrides` leaves it (the resolved config is what reuse compares)."""
     cfg = compose_config(overrides)
     folder.mkdir(parents=True)
-    (folder / "result.json").write_text(json.dumps({"miou": miou, "config": OmegaConf.to_container(cfg, resolve=True),
-                                                    "per_class_iou": {}}))
+    (folder / "result.json").write_text(
+        json.dumps({"miou": miou, "config": OmegaConf.to_container(cfg, resolve=True), "per_class_iou": {}})
+    )
 
 
 def test_defaults_written_out_reuse_the_default_runs_result(tmp_path, capsys, monkeypatch):
@@ -214,10 +267,18 @@ def test_folder_name_leaves_out_exactly_the_runtime_keys():
 
 
 def test_result_config_drops_only_runtime_keys():
-    resolved = {"backbone": {"model": "ViT-B-16", "device": "cuda"}, "num_workers": 4, "logger": {"name": "wandb"},
-                "max_images": 3, "attention": {"sigma": 5.0}}
-    assert config.result_config(resolved) == {"backbone": {"model": "ViT-B-16"}, "max_images": 3,
-                                              "attention": {"sigma": 5.0}}
+    resolved = {
+        "backbone": {"model": "ViT-B-16", "device": "cuda"},
+        "num_workers": 4,
+        "logger": {"name": "wandb"},
+        "max_images": 3,
+        "attention": {"sigma": 5.0},
+    }
+    assert config.result_config(resolved) == {
+        "backbone": {"model": "ViT-B-16"},
+        "max_images": 3,
+        "attention": {"sigma": 5.0},
+    }
     assert resolved["backbone"]["device"] == "cuda"  # the caller's config is left alone
 
 
@@ -238,11 +299,17 @@ def test_preset_without_multirun_is_refused_before_anything_runs(tmp_path):
 @pytest.mark.parametrize("launcher", [[], ["hydra/launcher=fused"]], ids=["basic", "fused"])
 def test_cli_preset_without_multirun_exits_with_one_line(tmp_path, launcher):
     env = {**os.environ, "NACLIP_OUTPUT": str(tmp_path / "outputs"), "NACLIP_CACHE": str(tmp_path / "cache")}
-    proc = subprocess.run([sys.executable, "-m", "naclip.run", "+experiment=table3", *launcher], capture_output=True,
-                          text=True, env=env, check=False)
+    proc = subprocess.run(
+        [sys.executable, "-m", "naclip.run", "+experiment=table3", *launcher],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+    )
     assert proc.returncode == 2
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert lines == ["naclip.run: error: +experiment=table3 is a sweep; add -m: "
-                     "python -m naclip.run -m +experiment=table3"], proc.stderr
+    assert lines == [
+        "naclip.run: error: +experiment=table3 is a sweep; add -m: python -m naclip.run -m +experiment=table3"
+    ], proc.stderr
     assert "mIoU" not in proc.stdout
     assert not [p for p in (tmp_path / "outputs").rglob("*") if p.is_file()]

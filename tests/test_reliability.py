@@ -42,18 +42,25 @@ pytestmark = pytest.mark.usefixtures("isolated_env")
 
 
 def cli(module: str, args: list[str], tmp_path: Path, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "NACLIP_OUTPUT": str(tmp_path / "outputs"), "NACLIP_CACHE": str(tmp_path / "cache"),
-           "NACLIP_DATA": str(tmp_path / "data"), "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, env=env,
-                          cwd=cwd, check=False)
+    env = {
+        **os.environ,
+        "NACLIP_OUTPUT": str(tmp_path / "outputs"),
+        "NACLIP_CACHE": str(tmp_path / "cache"),
+        "NACLIP_DATA": str(tmp_path / "data"),
+        "HF_HUB_OFFLINE": "1",
+    }
+    return subprocess.run(
+        [sys.executable, "-m", module, *args], capture_output=True, text=True, env=env, cwd=cwd, check=False
+    )
 
 
 def error_lines(stderr: str) -> list[str]:
     return [line for line in stderr.splitlines() if line.strip()]
 
 
-def voc_folder(root: Path, ids: list[str], sizes: dict[str, tuple[int, int]] | None = None,
-               corrupt: tuple[str, ...] = ()) -> None:
+def voc_folder(
+    root: Path, ids: list[str], sizes: dict[str, tuple[int, int]] | None = None, corrupt: tuple[str, ...] = ()
+) -> None:
     """A tiny VOC-layout dataset: ids (spaces allowed) with random images and labels."""
     rng = np.random.default_rng(0)
     for sub in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
@@ -89,8 +96,9 @@ def test_failed_run_keeps_user_files_and_its_log(tmp_path, where):
     (folder / "notes.txt").write_text("my notes")
     (folder / "sub").mkdir()
     run_dir = str(folder) if where == "existing" else "."
-    proc = cli("naclip.run", ["dataset=ade", "backbone.pretrained=null", f"hydra.run.dir={run_dir}"], tmp_path,
-               cwd=folder)
+    proc = cli(
+        "naclip.run", ["dataset=ade", "backbone.pretrained=null", f"hydra.run.dir={run_dir}"], tmp_path, cwd=folder
+    )
     assert proc.returncode == 2, proc.stderr
     assert len(error_lines(proc.stderr)) == 1 and "NACLIP_DATA" in proc.stderr
     assert (folder / "notes.txt").read_text() == "my notes" and (folder / "sub").is_dir()
@@ -135,7 +143,10 @@ def test_result_printed_then_kept_in_fallback_when_folder_unwritable(tmp_path, c
     printed = capsys.readouterr().out
     assert f"mIoU {saved['miou']:.2f}" in printed  # shown before the write was tried
     assert saved["num_images"] == 2 and set(saved["per_class_iou"]) == {
-        "black background", "red circle", "green square", "blue triangle",
+        "black background",
+        "red circle",
+        "green square",
+        "blue triangle",
     }
 
 
@@ -185,12 +196,24 @@ def test_all_samples_skipped_is_one_line_and_log_keeps_the_list(tmp_path, caplog
 # ------------------------------------------------------------------------------- 6. one line, not a traceback
 @pytest.mark.slow
 def test_ctrl_c_exits_130_with_one_line_and_no_result(tmp_path):
-    env = {**os.environ, "NACLIP_OUTPUT": str(tmp_path / "outputs"), "NACLIP_CACHE": str(tmp_path / "cache"),
-           "PYTHONUNBUFFERED": "1"}
-    args = ["dataset=synthetic", "dataset.num_images=100000", "backbone=b32", "backbone.pretrained=null",
-            "num_workers=0", "log_every=1", "hydra.run.dir=" + str(tmp_path / "job")]
-    proc = subprocess.Popen([sys.executable, "-m", "naclip.run", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env)
+    env = {
+        **os.environ,
+        "NACLIP_OUTPUT": str(tmp_path / "outputs"),
+        "NACLIP_CACHE": str(tmp_path / "cache"),
+        "PYTHONUNBUFFERED": "1",
+    }
+    args = [
+        "dataset=synthetic",
+        "dataset.num_images=100000",
+        "backbone=b32",
+        "backbone.pretrained=null",
+        "num_workers=0",
+        "log_every=1",
+        "hydra.run.dir=" + str(tmp_path / "job"),
+    ]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "naclip.run", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+    )
     try:
         for line in proc.stdout:  # wait until the evaluation loop is running
             if "images," in line:
@@ -248,8 +271,17 @@ def _predict_cfg(*overrides: str):
     config.register()
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose("predict", overrides=["backbone=b32", "backbone.pretrained=null", "text_cache_dir=null",
-                                             "short_side=64", "slide_crop=0", *overrides])
+        return compose(
+            "predict",
+            overrides=[
+                "backbone=b32",
+                "backbone.pretrained=null",
+                "text_cache_dir=null",
+                "short_side=64",
+                "slide_crop=0",
+                *overrides,
+            ],
+        )
 
 
 def test_predict_folder_processes_every_readable_image(tmp_path, monkeypatch, b32, capsys):
@@ -282,8 +314,19 @@ def test_predict_cli_lists_bad_images_one_line_each(tmp_path):
     (images / "b.jpg").write_bytes(b"not a jpeg")
     _bomb(images / "c.png")
     out = tmp_path / "out"
-    proc = cli("naclip.predict", [f"image={images}", "classes=[car,tree]", f"out={out}", "backbone=b32",
-                                  "backbone.pretrained=null", "text_cache_dir=null", "short_side=64"], tmp_path)
+    proc = cli(
+        "naclip.predict",
+        [
+            f"image={images}",
+            "classes=[car,tree]",
+            f"out={out}",
+            "backbone=b32",
+            "backbone.pretrained=null",
+            "text_cache_dir=null",
+            "short_side=64",
+        ],
+        tmp_path,
+    )
     assert proc.returncode == 2
     lines = error_lines(proc.stderr)
     assert len(lines) == 2 and all(line.startswith("naclip.predict: error: ") for line in lines), proc.stderr
@@ -323,8 +366,18 @@ def test_predict_cli_failure_creates_nothing(tmp_path):
     (tmp_path / "broken.jpg").write_bytes(b"not a jpeg")
     work = tmp_path / "work"
     work.mkdir()
-    proc = cli("naclip.predict", [f"image={tmp_path / 'broken.jpg'}", "classes=[car]", "backbone=b32",
-                                  "backbone.pretrained=null", "text_cache_dir=null"], tmp_path, cwd=work)
+    proc = cli(
+        "naclip.predict",
+        [
+            f"image={tmp_path / 'broken.jpg'}",
+            "classes=[car]",
+            "backbone=b32",
+            "backbone.pretrained=null",
+            "text_cache_dir=null",
+        ],
+        tmp_path,
+        cwd=work,
+    )
     assert proc.returncode == 2 and len(error_lines(proc.stderr)) == 1
     assert not (tmp_path / "outputs").exists() and list(work.iterdir()) == []
 
@@ -333,8 +386,15 @@ def test_predict_cli_failure_creates_nothing(tmp_path):
 def test_label_map_in_bands_equals_one_shot(b32, post):
     """Independent formulation: upsample every query logit at once, softmax, max over synonyms, threshold."""
     torch.manual_seed(5 if post == "area_thd" else 1)  # seed 5: random weights predict all three classes
-    seg = Segmenter(b32, [["sky", "air"], ["tree"], ["car", "auto", "van"]], slide_crop=64, slide_stride=32,
-                    pamr=post == "pamr", pamr_steps=2, templates=["a photo of a {}."])
+    seg = Segmenter(
+        b32,
+        [["sky", "air"], ["tree"], ["car", "auto", "van"]],
+        slide_crop=64,
+        slide_stride=32,
+        pamr=post == "pamr",
+        pamr_steps=2,
+        templates=["a photo of a {}."],
+    )
     image = torch.randn(3, 64, 96)
     size = (333, 517)
     logits = seg.logits_list([image])[0]
@@ -435,8 +495,15 @@ def test_collect_lists_only_the_jobs_of_one_sweep(tmp_path, monkeypatch):
 @pytest.mark.slow
 @pytest.mark.parametrize("launcher", ["basic", "submitit_local"])
 def test_sweep_goes_on_past_a_failed_job_and_summarizes(tmp_path, launcher):
-    args = ["-m", f"hydra/launcher={launcher}", "dataset=ade,synthetic", "backbone=b32", "backbone.pretrained=null",
-            "num_workers=0", "dataset.num_images=2"]
+    args = [
+        "-m",
+        f"hydra/launcher={launcher}",
+        "dataset=ade,synthetic",
+        "backbone=b32",
+        "backbone.pretrained=null",
+        "num_workers=0",
+        "dataset.num_images=2",
+    ]
     proc = cli("naclip.run", args, tmp_path)
     assert proc.returncode == 1, proc.stderr
     assert "Traceback" not in proc.stderr and "UncompletedJobError" not in proc.stderr

@@ -61,11 +61,29 @@ def test_expected_options_exist():
     assert options("attention") == ["csa", "full", "kk_sim", "n_only", "qq", "value", "vanilla"]
     assert options("arch") == ["reduced", "vanilla"]
     assert options("backbone") == [
-        "b16", "b16_datacomp", "b16_dfn", "b16_laion", "b16_metaclip", "b32", "eva02_b16", "l14", "l14_laion",
-        "siglip2_b16", "siglip_b16",
+        "b16",
+        "b16_datacomp",
+        "b16_dfn",
+        "b16_laion",
+        "b16_metaclip",
+        "b32",
+        "eva02_b16",
+        "l14",
+        "l14_laion",
+        "siglip2_b16",
+        "siglip_b16",
     ]
     assert set(options("dataset")) >= {
-        "voc21", "voc20", "pc60", "pc59", "coco_object", "coco_stuff", "cityscapes", "ade", "demo", "synthetic",
+        "voc21",
+        "voc20",
+        "pc60",
+        "pc59",
+        "coco_object",
+        "coco_stuff",
+        "cityscapes",
+        "ade",
+        "demo",
+        "synthetic",
     }
     assert set(list_layouts()) >= {"voc", "context", "ade", "cityscapes", "coco_stuff", "coco_object", "hf"}
 
@@ -79,8 +97,14 @@ def test_defaults_are_the_paper_method():
 
 @pytest.mark.parametrize(
     ("dataset", "prob_thd", "slide_crop", "short"),
-    [("voc21", 0.1, 0, 336), ("voc20", 0.0, 0, 336), ("pc60", 0.1, 224, 336), ("coco_object", 0.1, 224, 336),
-     ("ade", 0.0, 224, 336), ("cityscapes", 0.0, 224, 560)],
+    [
+        ("voc21", 0.1, 0, 336),
+        ("voc20", 0.0, 0, 336),
+        ("pc60", 0.1, 224, 336),
+        ("coco_object", 0.1, 224, 336),
+        ("ade", 0.0, 224, 336),
+        ("cityscapes", 0.0, 224, 560),
+    ],
 )
 def test_protocol_values(dataset, prob_thd, slide_crop, short):
     cfg = compose_config([f"dataset={dataset}"])
@@ -112,9 +136,24 @@ def test_run_writes_result_then_skips_then_force(tmp_path, capsys):
     out = tmp_path / "job"
     result = evaluate_job(SMOKE, out)
     saved = json.loads((out / "result.json").read_text())
-    for key in ("miou", "per_class_iou", "pixel_acc", "num_images", "seconds_eval", "seconds_model_load",
-                "seconds_text_classifier", "images_per_sec", "peak_memory_mb", "provenance",
-                "choices", "overrides", "config", "versions", "git_commit", "finished_at"):
+    for key in (
+        "miou",
+        "per_class_iou",
+        "pixel_acc",
+        "num_images",
+        "seconds_eval",
+        "seconds_model_load",
+        "seconds_text_classifier",
+        "images_per_sec",
+        "peak_memory_mb",
+        "provenance",
+        "choices",
+        "overrides",
+        "config",
+        "versions",
+        "git_commit",
+        "finished_at",
+    ):
         assert key in saved, key
     assert saved["num_images"] == 3
     present = [iou for iou in saved["per_class_iou"].values() if iou is not None]
@@ -344,10 +383,16 @@ def test_batched_images_equal_single(tmp_path):
 
 
 def cli(args: list[str], tmp_path: Path, **env: str) -> subprocess.CompletedProcess:
-    environ = {**os.environ, "NACLIP_OUTPUT": str(tmp_path / "outputs"), "NACLIP_CACHE": str(tmp_path / "cache"),
-               "NACLIP_DATA": str(tmp_path / "data"), **env}
-    return subprocess.run([sys.executable, "-m", "naclip.run", *args], capture_output=True, text=True, env=environ,
-                          check=False)
+    environ = {
+        **os.environ,
+        "NACLIP_OUTPUT": str(tmp_path / "outputs"),
+        "NACLIP_CACHE": str(tmp_path / "cache"),
+        "NACLIP_DATA": str(tmp_path / "data"),
+        **env,
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "naclip.run", *args], capture_output=True, text=True, env=environ, check=False
+    )
 
 
 @pytest.mark.slow
@@ -357,8 +402,21 @@ def test_cli_smoke_run_and_tables(tmp_path):
     results = list((tmp_path / "outputs").rglob("result.json"))
     assert len(results) == 1
     assert "mIoU" in proc.stdout
-    tables = subprocess.run([sys.executable, "-m", "naclip.tables", "--source", "local", str(tmp_path / "outputs"),
-                             "--out", str(tmp_path / "tables")], capture_output=True, text=True, check=False)
+    tables = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "naclip.tables",
+            "--source",
+            "local",
+            str(tmp_path / "outputs"),
+            "--out",
+            str(tmp_path / "tables"),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert tables.returncode == 0, tables.stderr
     assert (tmp_path / "tables" / "table1.csv").is_file()
 
@@ -375,8 +433,9 @@ def test_cli_sigma_sweep_with_multirun(tmp_path):
     plain = subprocess.run([*tables, str(tmp_path / "plain")], capture_output=True, text=True, check=False)
     assert plain.returncode == 0 and "left out 2 of 2 results (2 with random weights)" in plain.stderr
     assert not (tmp_path / "plain" / "sigma_sweep.png").exists()
-    marked = subprocess.run([*tables, str(tmp_path / "marked"), "--include-partial"], capture_output=True, text=True,
-                            check=False)
+    marked = subprocess.run(
+        [*tables, str(tmp_path / "marked"), "--include-partial"], capture_output=True, text=True, check=False
+    )
     assert marked.returncode == 0, marked.stderr
     assert (tmp_path / "marked" / "sigma_sweep.png").stat().st_size > 1000
 
@@ -386,8 +445,11 @@ def test_cli_sigma_sweep_with_multirun(tmp_path):
     ("args", "env", "match"),
     [
         (["dataset=ade", "backbone.pretrained=null"], {}, "NACLIP_DATA"),
-        (["dataset=synthetic"], {"HF_ENDPOINT": "https://unreachable.invalid", "HF_HOME": "/nonexistent-hf"},
-         "backbone.pretrained"),
+        (
+            ["dataset=synthetic"],
+            {"HF_ENDPOINT": "https://unreachable.invalid", "HF_HOME": "/nonexistent-hf"},
+            "backbone.pretrained",
+        ),
         (["dataset=synthetic", "backbone.pretrained=null", "attention.sigma=-1"], {}, "sigma"),
     ],
     ids=["missing-root", "weights-offline", "bad-sigma"],

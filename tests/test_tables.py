@@ -467,8 +467,11 @@ def test_module_runs_as_script(tmp_path):
 # ------------------------------------------------------------------------------------------- provenance
 def caveated(result: dict, *, random_weights: bool = False, partial: bool = False) -> dict:
     """A result as run.py writes it for a smoke run: random weights and/or a partial split."""
-    result["provenance"] = {"random_weights": random_weights, "partial": partial,
-                            "partial_reasons": ["max_images=2 of 1449 images"] if partial else []}
+    result["provenance"] = {
+        "random_weights": random_weights,
+        "partial": partial,
+        "partial_reasons": ["max_images=2 of 1449 images"] if partial else [],
+    }
     return result
 
 
@@ -481,8 +484,10 @@ def test_tables_leave_out_random_and_partial_results_with_one_line(tmp_path, cap
     assert main(["--source", "local", str(runs), "--out", str(out)]) == 0
     captured = capsys.readouterr()
     notes = [line for line in captured.err.splitlines() if "left out" in line]
-    assert notes == ["naclip.tables: left out 3 of 4 results (2 with random weights and 1 on a partial split); "
-                     "--include-partial shows them"]
+    assert notes == [
+        "naclip.tables: left out 3 of 4 results (2 with random weights and 1 on a partial split); "
+        "--include-partial shows them"
+    ]
     assert "| NACLIP | 61.0 | – | – | – | – | – | – | – | – |" in captured.out
     assert "†" not in captured.out
     with (out / "table1.csv").open(encoding="utf-8", newline="") as fh:
@@ -542,8 +547,10 @@ def test_wandb_source_reads_provenance_and_tags(tmp_path, capsys):
 def test_sigma_plot_follows_the_same_rule(tmp_path, capsys):
     runs, out = tmp_path / "outputs", tmp_path / "out"
     for sigma in (2.0, 6.0):
-        write_json(runs, caveated(fake_result(dataset="synthetic", backbone="b32", miou=sigma, sigma=sigma),
-                                  random_weights=True))
+        write_json(
+            runs,
+            caveated(fake_result(dataset="synthetic", backbone="b32", miou=sigma, sigma=sigma), random_weights=True),
+        )
     assert main(["--source", "local", str(runs), "--out", str(out)]) == 0
     assert not (out / "sigma_sweep.png").exists()
     assert main(["--source", "local", str(runs), "--out", str(out), "--include-partial"]) == 0
@@ -554,8 +561,10 @@ def test_a_run_without_sweep_results_removes_the_earlier_plot_and_says_so(tmp_pa
     """The plot of a run with --include-partial must not stay beside the tables of a later run that draws none."""
     runs, out = tmp_path / "outputs", tmp_path / "out"
     for sigma in (2.0, 6.0):
-        write_json(runs, caveated(fake_result(dataset="synthetic", backbone="b32", miou=sigma, sigma=sigma),
-                                  random_weights=True))
+        write_json(
+            runs,
+            caveated(fake_result(dataset="synthetic", backbone="b32", miou=sigma, sigma=sigma), random_weights=True),
+        )
     (out / "notes.png").parent.mkdir(parents=True)
     (out / "notes.png").write_bytes(b"a user's file")
     assert main(["--source", "local", str(runs), "--out", str(out), "--include-partial"]) == 0
@@ -569,11 +578,15 @@ def test_a_run_without_sweep_results_removes_the_earlier_plot_and_says_so(tmp_pa
 
 def sweep_with_single_points() -> list[dict]:
     """Two σ curves, a single-σ run on another dataset and one random-weight single point (a † footnote)."""
-    results = [fake_result(dataset=d, sigma=float(s), miou=m + s) for d, m in (("voc21", 50.0), ("ade", 10.0))
-               for s in range(1, 11)]
+    results = [
+        fake_result(dataset=d, sigma=float(s), miou=m + s)
+        for d, m in (("voc21", 50.0), ("ade", 10.0))
+        for s in range(1, 11)
+    ]
     results.append(fake_result(dataset="pc59", backbone="b32", sigma=5.0, miou=33.0))
-    results.append(caveated(fake_result(dataset="synthetic", backbone="b32", sigma=5.0, miou=20.0),
-                            random_weights=True))
+    results.append(
+        caveated(fake_result(dataset="synthetic", backbone="b32", sigma=5.0, miou=20.0), random_weights=True)
+    )
     return results
 
 
@@ -581,8 +594,12 @@ def test_sigma_figure_draws_single_sigma_runs_as_points_and_keeps_the_legend_off
     fig = sigma_figure(sweep_with_single_points())
     ax = fig.axes[0]
     styles = {line.get_label(): (line.get_linestyle(), len(line.get_xdata())) for line in ax.get_lines()}
-    assert styles == {"B/16 V21": ("-", 10), "B/16 ADE": ("-", 10), "B/32 PC59": ("None", 1),
-                      "B/32 synthetic†": ("None", 1)}
+    assert styles == {
+        "B/16 V21": ("-", 10),
+        "B/16 ADE": ("-", 10),
+        "B/32 PC59": ("None", 1),
+        "B/32 synthetic†": ("None", 1),
+    }
     fig.canvas.draw()
     legend = ax.get_legend().get_window_extent()
     for line in ax.get_lines():
@@ -611,15 +628,17 @@ def test_export_lists_every_result_config_to_miou(tmp_path, capsys):
     assert f"exported 3 results to {export}" in capsys.readouterr().err
     with export.open(newline="", encoding="utf-8") as fh:
         rows = list(csv.DictReader(fh))
-    picked = [(r["dataset"], r["backbone"], r["attention"], r["sigma"], r["refine"], r["miou"], r["caveats"])
-              for r in rows]
+    picked = [
+        (r["dataset"], r["backbone"], r["attention"], r["sigma"], r["refine"], r["miou"], r["caveats"]) for r in rows
+    ]
     assert picked == [
         ("ade", "b16", "full", "", "pamr", "7.00", "random-weights"),
         ("synthetic", "b32", "qq_gauss", "3.0", "none", "12.50", ""),
         ("voc21", "b16", "full", "5.0", "none", "61.25", ""),
     ]
-    assert rows[1]["overrides"] == ("backbone=b32 attention=qq_gauss arch=reduced refine=none dataset=synthetic "
-                                    "logger=local")
+    assert rows[1]["overrides"] == (
+        "backbone=b32 attention=qq_gauss arch=reduced refine=none dataset=synthetic logger=local"
+    )
     assert rows[2]["num_images"] == "4" and rows[2]["protocol"] == "dataset"
 
 

@@ -298,8 +298,20 @@ def test_figures_on_a_one_image_dataset_count_one_image_and_mark_random_weights(
     from naclip import figures
 
     monkeypatch.setattr(figures, "load_clip", lambda *args, **kwargs: b32)
-    argv = ["--dataset", "synthetic", "--backbone", "b32", "--pretrained", "null", "--num-images", "4",
-            "--out", str(tmp_path), "dataset.num_images=1", "text_cache_dir=null"]
+    argv = [
+        "--dataset",
+        "synthetic",
+        "--backbone",
+        "b32",
+        "--pretrained",
+        "null",
+        "--num-images",
+        "4",
+        "--out",
+        str(tmp_path),
+        "dataset.num_images=1",
+        "text_cache_dir=null",
+    ]
     assert figures.main(argv) == 0
     progress = [line for line in capsys.readouterr().err.splitlines() if line.startswith("naclip.figures: image ")]
     assert len(progress) == 1 and progress[0].startswith("naclip.figures: image 1/1: ")

@@ -35,6 +35,7 @@ from naclip.clip import WeightsUnavailableError
 from naclip.config import config_dir
 from naclip.data import DatasetError, load_class_names
 from naclip.predictor import auto_device, prepare_image, read_image
+from naclip.results import random_weights
 from naclip.viz import mark_random_weights, overlay, palette_png
 
 IMAGE_SUFFIXES: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
@@ -196,7 +197,7 @@ def run(cfg: DictConfig, out_dir: Path | None = None) -> list[Path]:
             failed.append(printable(message if str(path) in message else f"{path}: {message}"))
             continue
         blended = overlay(pixels, labels, display, alpha=cfg.alpha)
-        if cfg.backbone.pretrained is None:
+        if random_weights(cfg):
             mark_random_weights(blended)
         for written_path in _save(out_dir, targets, labels, blended, display):
             print(printable(written_path), flush=True)

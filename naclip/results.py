@@ -118,11 +118,22 @@ PARTIAL = "partial"
 TAGGED_CHOICES: tuple[str, ...] = ("attention", "arch", "backbone", "dataset", "refine")
 
 
+def random_weights(config: Mapping[str, Any]) -> bool:
+    """Whether a run's CLIP or its second vision model (ProxyCLIP's, CASS's proxy) had random weights
+    (``pretrained: null``): either one makes every number a smoke value, not a measurement of the method."""
+    backbone = config.get("backbone") or {}
+    proxy = config.get("proxy") or {}
+    return ("pretrained" in backbone and backbone["pretrained"] is None) or (
+        proxy.get("model") is not None and "pretrained" in proxy and proxy["pretrained"] is None
+    )
+
+
 def provenance(config: Mapping[str, Any], dataset_images: int, num_skipped: int) -> dict[str, Any]:
     """What a result's numbers stand for: real or random weights, the whole protocol split or only part of it.
 
     Args:
-        config: the resolved run config (``backbone.pretrained``, ``max_images``, ``dataset.expected_images``).
+        config: the resolved run config (``backbone.pretrained``, ``proxy.pretrained``, ``max_images``,
+            ``dataset.expected_images``).
         dataset_images: images the dataset split holds on disk.
         num_skipped: samples left out because they could not be read (``on_error=skip``).
 
@@ -140,7 +151,7 @@ def provenance(config: Mapping[str, Any], dataset_images: int, num_skipped: int)
     if expected is not None and dataset_images != expected:
         reasons.append(f"split holds {dataset_images} images, the protocol {expected}")
     return {
-        "random_weights": (config.get("backbone") or {}).get("pretrained") is None,
+        "random_weights": random_weights(config),
         "partial": bool(reasons),
         "partial_reasons": reasons,
         "dataset_images": dataset_images,
@@ -158,9 +169,8 @@ def caveats(result: Mapping[str, Any]) -> list[str]:
     facts = result.get("provenance")
     if not isinstance(facts, Mapping):
         config = result.get("config") or {}
-        backbone = config.get("backbone") or {}
         facts = {
-            "random_weights": "pretrained" in backbone and backbone["pretrained"] is None,
+            "random_weights": random_weights(config),
             "partial": config.get("max_images") is not None or bool(result.get("skipped")),
         }
     return [

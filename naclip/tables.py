@@ -414,10 +414,14 @@ def _shipped(group: str, option: str) -> dict[str, Any] | None:
 
 
 @functools.cache
-def _paper_setting(backbone: str, dataset: str, refine: str, protocol: str) -> dict[str, dict[str, Any]] | None:
+def _paper_setting(
+    backbone: str, dataset: str, refine: str, protocol: str, method: str = "naclip", proxy: str = "none"
+) -> dict[str, dict[str, Any]] | None:
     """The values a result of these choices must hold to be the paper's (or a method's published) setting:
-    the shipped backbone, refine and dataset options, the dataset's schema defaults under them, and for a
-    method's protocol (``protocol`` != "dataset") its ``conf/protocol/<protocol>_<dataset>.yaml`` on top."""
+    the shipped backbone, refine and dataset options, the dataset's schema defaults under them, for a method's
+    protocol (``protocol`` != "dataset") its ``conf/protocol/<protocol>_<dataset>.yaml`` on top, the proxy model
+    the ``proxy`` option names, and a registered method's own options (``proxyclip.beta``, ``cass.h_threshold``...)
+    as its schema, preset and protocol file set them."""
     from dataclasses import asdict
 
     from naclip.config import DatasetConfig, RefineConfig
@@ -426,22 +430,50 @@ def _paper_setting(backbone: str, dataset: str, refine: str, protocol: str) -> d
         "backbone": _shipped("backbone", backbone),
         "dataset": _shipped("dataset", dataset),
         "refine": _shipped("refine", refine),
+        "proxy": _shipped("proxy", proxy),
     }
     if any(v is None for v in shipped.values()):
         return None
     overlay = {} if protocol == "dataset" else _shipped("protocol", f"{protocol}_{dataset}")
     if overlay is None:
         return None
-    if isinstance(overlay.get("dataset"), dict):  # a global-package protocol file (e.g. CASS's, which also sets refine)
-        overlay = overlay["dataset"]
+    # a global-package protocol file (e.g. CASS's) sets the dataset's values and the method's options apart
+    global_package = isinstance(overlay.get("dataset"), dict)
+    dataset_overlay = overlay["dataset"] if global_package else overlay
     defaults = {k: v for k, v in asdict(DatasetConfig()).items() if v != "???"}
-    dataset_values = {**defaults, **shipped["dataset"], **overlay}
-    return {
+    dataset_values = {**defaults, **shipped["dataset"], **dataset_overlay}
+    setting = {
         # precision is not part of the setting: the authors evaluate fp16, and each row names its precisions
         "backbone": {k: v for k, v in shipped["backbone"].items() if k not in ("name", "device", "precision")},
         "dataset": {k: v for k, v in dataset_values.items() if k not in _WHERE_KEYS},
         "refine": {**asdict(RefineConfig()), **shipped["refine"]},
+        # the model only: proxy.pretrained may name a local copy of the weights, and null is a random-weights caveat
+        "proxy": {"model": shipped["proxy"].get("model")},
     }
+    options = _method_options(method, dataset_values, overlay.get(method) if global_package else None)
+    if options is not None:
+        setting[method] = options
+    return setting
+
+
+def _method_options(
+    method: str, dataset_values: Mapping[str, Any], protocol_values: Mapping[str, Any] | None
+) -> dict[str, Any] | None:
+    """A registered method's options node (``conf/config`` schema defaults, then its preset's, then its protocol
+    file's), interpolations resolved against the dataset values; None for a method without such a node."""
+    from dataclasses import asdict, fields
+
+    from omegaconf import OmegaConf
+
+    from naclip.config import MethodConfig, config_dir
+
+    node = next((f for f in fields(MethodConfig) if f.name == method), None)
+    if node is None or (Path(config_dir()) / method).is_dir() or not callable(node.default_factory):
+        return None
+    preset = (_shipped("method", method) or {}).get(method) or {}
+    merged = {**asdict(node.default_factory()), **preset, **(protocol_values or {})}
+    resolved = OmegaConf.create({"dataset": dict(dataset_values), method: merged})
+    return OmegaConf.to_container(resolved, resolve=True)[method]  # type: ignore[index]
 
 
 def _same(got: Any, want: Any) -> bool:
@@ -460,7 +492,12 @@ def _setting_mismatch(result: Mapping[str, Any], protocol: str = "dataset") -> s
     none does). A key the result lacks (written before the key existed) is not held against it."""
     choices = result["choices"]
     setting = _paper_setting(
-        str(choices.get("backbone")), str(choices.get("dataset")), str(choices.get("refine", "none")), protocol
+        str(choices.get("backbone")),
+        str(choices.get("dataset")),
+        str(choices.get("refine", "none")),
+        protocol,
+        _method(result),
+        str(choices.get("proxy", "none")),
     )
     if setting is None:
         return None if protocol == "dataset" else f"no published protocol {protocol!r} for this dataset"

@@ -748,3 +748,61 @@ def test_published_rows_hold_each_source_number_in_its_column():
             assert got["Avg"] == average, method  # CASS: the exact mean 44.35 is printed 44.4
     assert "CASS project page" in labels["CASS"] and "figs/scclip.jpg" in labels["SC-CLIP"]
     assert "figs/fig6.jpg" in labels["CLIP Surgery"] and "none in the authors' repository" in labels["GEM"]
+
+
+def composed_result(overrides: list[str], miou: float) -> dict:
+    """A TEST fixture: the result.json naclip.run would write for these overrides (composed config and choices)."""
+    from composing import compose_config
+    from omegaconf import open_dict
+
+    cfg = compose_config(["backbone=b16", *overrides], hydra_config=True)
+    choices = {k: v for k, v in cfg.hydra.runtime.choices.items() if not k.startswith("hydra") and k != "schema" and v}
+    with open_dict(cfg):
+        del cfg["hydra"]
+    config = OmegaConf.to_container(cfg, resolve=True)
+    return {"choices": choices, "miou": miou, "finished_at": "2026-01-01T00:00:00+00:00", "config": config}
+
+
+# a registered method, a dataset, and one option of its own that its published setting fixes
+OWN_OPTION_CHANGES = [
+    ("proxyclip", "voc21", "proxyclip.beta=1.0", "proxyclip.beta=1.0 (paper setting: 1.2)"),
+    ("proxyclip", "ade", "proxy.model=vit_small_patch16_224.dino", "proxy.model='vit_small_patch16_224.dino'"),
+    ("cass", "voc21", "cass.h_threshold=0.2", "cass.h_threshold=0.2 (paper setting: 0.1)"),
+    ("resclip", "ade", "resclip.temp_thd=0.3", "resclip.temp_thd=0.3"),
+    ("scclip", "pc59", "scclip.res_cls=0.5", "scclip.res_cls=0.5 (paper setting: 0.3)"),
+    ("gem", "voc21", "gem.depth=5", "gem.depth=5 (paper setting: 7)"),
+    ("clip_surgery", "ade", "clip_surgery.depth=5", "clip_surgery.depth=5 (paper setting: 7)"),
+]
+
+
+@pytest.mark.parametrize(("method", "dataset", "change", "why"), OWN_OPTION_CHANGES, ids=lambda v: str(v)[:24])
+def test_methods_table_takes_only_runs_with_the_methods_own_published_options(method, dataset, change, why):
+    """A run of a method's preset and published protocol, as composed, fills its cell; the same run with one of the
+    method's own options (or its proxy's model) changed fills none and the note says which value left it out."""
+    column = HEADERS[DATASETS.index(dataset)]
+    label = {"proxyclip": "ProxyCLIP", "cass": "CASS", "resclip": "ResCLIP", "scclip": "SC-CLIP", "gem": "GEM"}
+    label["clip_surgery"] = "CLIP Surgery"
+    own = composed_result([f"method={method}", f"dataset={dataset}"], 41.0)
+    changed = composed_result([f"method={method}", f"dataset={dataset}", change], 42.0)
+    table = methods_table([own])
+    name = f"{label[method]} [fp32]"
+    assert row(table, name)[table.columns.index(column)] == 41.0
+    assert setting_note([own]) is None
+    assert set(row(methods_table([changed]), label[method])) == {None}  # no measured cell: no precision in the label
+    note = setting_note([changed])
+    assert note is not None and why in note
+    assert row(methods_table([own, changed]), name)[table.columns.index(column)] == 41.0  # the newer one is not used
+
+
+def test_a_random_proxy_is_a_random_weights_result():
+    """Real CLIP weights with a random proxy measure no trained method: the result is caveated as random weights."""
+    from naclip.results import caveats, provenance
+
+    result = composed_result(["method=proxyclip", "dataset=voc21", "proxy.pretrained=null"], 40.0)
+    assert result["config"]["backbone"]["pretrained"] == "openai"
+    assert caveats(result) == ["random-weights"]  # judged from the config (no provenance block)
+    assert provenance(result["config"], 1449, 0)["random_weights"] is True
+    real = composed_result(["method=proxyclip", "dataset=voc21", "proxy.pretrained=/w/dino.safetensors"], 40.0)
+    assert caveats(real) == [] and provenance(real["config"], 1449, 0)["random_weights"] is False
+    kept, _ = select_results([result, real])
+    assert kept == [real]

@@ -48,6 +48,10 @@ PREDICT_PRESETS = {
     "maskclip": ("value", "reduced", 336, 224, 112, 40.0, "dataset"),
     "sclip": ("csa", "vanilla", 336, 224, 112, 40.0, "sclip"),
     "clearclip": ("qq", "reduced", 448, 448, 224, 50.0, "clearclip"),
+    # registered methods whose windows differ from NACLIP's: ProxyCLIP (Lan et al., ECCV'24) 336 / 336 / 112 / 40 on
+    # VOC20, PC59 and COCO-Stuff; GEM (Bousselham et al., CVPR'24) its code's 448 x 448 input everywhere
+    "proxyclip": ("full", "reduced", 336, 336, 112, 40.0, "proxyclip"),
+    "gem": ("vanilla", "vanilla", 448, 448, 224, 40.0, "gem"),
 }
 
 
@@ -79,7 +83,8 @@ def test_help_lists_only_the_groups_predict_accepts():
             for line in template.splitlines()
             if ": " in line and line.split(":")[0].isidentifier()
         }
-        assert set(listed) == {"method", "backbone", "attention", "arch", "refine"}
+        assert set(listed) == {"method", "backbone", "attention", "arch", "refine", "proxy"}
+        assert listed["proxy"] == ["dino_b16", "dino_b8", "dinov2_b14", "dinov2_b14_reg", "dinov3_b16", "none"]
         assert listed["method"] == [
             "cass",
             "clearclip",
@@ -343,8 +348,21 @@ def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, case, message):
     assert not list(out.glob("*.png"))
 
 
-@pytest.mark.parametrize("pretrained", ["null", "openai"])
-def test_overlays_from_random_weights_carry_a_red_mark(tmp_path, monkeypatch, b32, pretrained):
+# a ProxyCLIP run with a small random proxy (β 0.5 keeps a random proxy's attention rows finite)
+RANDOM_PROXY = [
+    "method=proxyclip",
+    "proxy.model=vit_small_patch16_224.dino",
+    "proxy.pretrained=null",
+    "proxyclip.beta=0.5",
+]
+
+
+@pytest.mark.parametrize(
+    ("pretrained", "proxy", "marked"),
+    [("null", [], True), ("openai", [], False), ("openai", RANDOM_PROXY, True)],
+    ids=["random-clip", "real-clip", "real-clip-random-proxy"],
+)
+def test_overlays_from_random_weights_carry_a_red_mark(tmp_path, monkeypatch, b32, pretrained, proxy, marked):
     monkeypatch.setattr("naclip.clip.load_clip", lambda *args, **kwargs: b32)  # stands in for either weights
     _write_image(tmp_path / "x.png", 64, 96, block=2)
     out = tmp_path / "out"
@@ -355,10 +373,11 @@ def test_overlays_from_random_weights_carry_a_red_mark(tmp_path, monkeypatch, b3
             "short_side=64",
             "slide_crop=0",
             f"backbone.pretrained={pretrained}",
+            *proxy,
         ),
         out,
     )
     pixels = np.asarray(Image.open(out / "x_overlay.png"))
     r, g, b = (pixels[-1, :, i].astype(int) for i in range(3))
     red_bottom_row = bool(((r > 180) & (g < 60) & (b < 60)).all())
-    assert red_bottom_row == (pretrained == "null")
+    assert red_bottom_row == marked

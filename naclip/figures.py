@@ -6,6 +6,10 @@
 * ``qualitative.png`` (Figure 3 style): image | CLIP | NACLIP | ground truth, one row per image, where
   CLIP = vanilla attention + vanilla architecture and NACLIP = full attention + reduced architecture.
 
+With ``method=<registered method>`` (e.g. ``method=proxyclip``, ``method=cass proxy=dinov2_b14``) that method's
+segmentation is one more grid column, and a method with its own last-block attention (ProxyCLIP's proxy-guided
+attention, CASS's distilled one) adds its map of the same patches to each attention figure.
+
 The dataset is composed from ``conf/config.yaml`` with Hydra's compose API, so any extra ``key=value``
 arguments are config overrides (e.g. ``dataset.root=/data/VOCdevkit/VOC2012``).
 
@@ -14,6 +18,7 @@ Progress (model loading, each image) goes to stderr; stdout lists the written fi
 Example:
     python -m naclip.figures --dataset demo --pretrained openai --out figures/
     python -m naclip.figures --dataset synthetic --pretrained null --num-images 3 --out /tmp/figs
+    python -m naclip.figures --dataset demo --out figures/ method=proxyclip proxy=dino_b8
 """
 
 from __future__ import annotations
@@ -36,11 +41,18 @@ from naclip import Segmenter, config
 from naclip.clip import WeightsUnavailableError, image_mean_std, load_clip
 from naclip.data import build_dataset
 from naclip.predictor import auto_device, normalize_images
+from naclip.results import random_weights
 from naclip.text import get_tokenizer
-from naclip.viz import RANDOM_WEIGHTS_NOTE, attention_maps, image_grid, overlay, plot_attention
+from naclip.viz import RANDOM_WEIGHTS_NOTE, attention_maps, image_grid, method_attention_maps, overlay, plot_attention
 
 ATTENTION_VARIANTS = ("vanilla", "kk_sim", "full")
 GRID_TITLES = ["image", "CLIP", "NACLIP", "ground truth"]
+
+
+def method_title(cfg: DictConfig) -> str:
+    """The column title of the config's registered method: its name, and its proxy's timm model if it has one."""
+    proxy = cfg.get("proxy")
+    return f"{cfg.method} + {proxy.model}" if proxy is not None and proxy.model is not None else str(cfg.method)
 
 
 def compose_config(dataset: str, backbone: str, pretrained: str, overrides: list[str]) -> DictConfig:
@@ -111,13 +123,17 @@ def make_figures(cfg: DictConfig, num_images: int, patches_per_image: int, out: 
         "CLIP": Segmenter(model, dataset.class_names, attention="vanilla", arch="vanilla", **common),
         "NACLIP": Segmenter(model, dataset.class_names, attention="full", arch="reduced", sigma=sigma, **common),
     }
+    if config.method_spec(cfg)[0] is not None:  # a registered method: one more column (and its own attention)
+        extra, _, _ = config.build_segmenter(cfg, dataset.class_names, cfg.dataset, device, model=model)
+        methods[method_title(cfg)] = extra
     for segmenter in methods.values():
         segmenter.to(device)
+    titles = [*GRID_TITLES[:-1], *list(methods)[2:], GRID_TITLES[-1]]
     names = dataset.display_names
     skip = {dataset.ignore_index} | ({dataset.background_index} if dataset.background_index is not None else set())
     patch = methods["NACLIP"].encoder.patch_size
 
-    note = RANDOM_WEIGHTS_NOTE if backbone.pretrained is None else None
+    note = RANDOM_WEIGHTS_NOTE if random_weights(cfg) else None
     total = min(num_images, len(dataset))  # "image 1/1" on a one-image dataset, not "1/4"
 
     out.mkdir(parents=True, exist_ok=True)
@@ -129,31 +145,27 @@ def make_figures(cfg: DictConfig, num_images: int, patches_per_image: int, out: 
         if sample["error"]:
             print(f"naclip.figures: skipping {sample['name']}: {sample['error']}", file=sys.stderr)
             continue
-        _say(f"image {len(rows) + 1}/{total}: {sample['name']} (two segmentations, attention maps)")
+        _say(f"image {len(rows) + 1}/{total}: {sample['name']} ({len(methods)} segmentations, attention maps)")
         image, label = sample["image"], sample["label"]  # (3, h, w) uint8, (H, W) int64
         x = normalize_images(image.to(device), mean, std)  # (3, h, w)
         size = tuple(label.shape)
         preds = {k: seg.predict_list([x], [size])[0].cpu() for k, seg in methods.items()}  # (H, W) each
         shown = _resize_to(image, size)  # (H, W, 3)
-        rows.append(
-            [
-                shown,
-                overlay(shown, preds["CLIP"], names),
-                overlay(shown, preds["NACLIP"], names),
-                overlay(shown, label, names),
-            ]
-        )
+        rows.append([shown, *(overlay(shown, pred, names) for pred in preds.values()), overlay(shown, label, names)])
 
         grid = (image.shape[-2] // patch[0], image.shape[-1] // patch[1])
         patches = pick_patches(label, grid, skip, patches_per_image)
         maps = attention_maps(model, x, patches, variants=ATTENTION_VARIANTS, arch="reduced", sigma=sigma)
+        for title, segmenter in list(methods.items())[2:]:
+            if hasattr(segmenter.method, "attention"):
+                maps[title] = method_attention_maps(segmenter, x, patches, grid=grid)
         path = out / f"attention_{len(rows) - 1:02d}_{sample['name']}.png"
         plot_attention(image, maps, patches, path=path, note=note)
         written.append(path)
     if not rows:
         raise ValueError(f"dataset {dataset.name!r} gave no usable images; check dataset.root and its files")
     grid_path = out / "qualitative.png"
-    image_grid(rows, GRID_TITLES, path=grid_path, note=note)
+    image_grid(rows, titles, path=grid_path, note=note)
     written.append(grid_path)
     return written
 

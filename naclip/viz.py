@@ -138,14 +138,18 @@ def attention_maps(
 
 
 @torch.no_grad()
-def method_attention_maps(segmenter: nn.Module, image: Tensor, patches: Sequence[Patch]) -> Tensor:
+def method_attention_maps(
+    segmenter: nn.Module, image: Tensor, patches: Sequence[Patch], grid: tuple[int, int] | None = None
+) -> Tensor:
     """Where chosen patches look in a method's own last-block attention (ProxyCLIP's proxy-guided attention on
     the proxy's grid, CASS's distilled attention on CLIP's grid): (len(patches), rows, cols), head-averaged.
 
     Args:
         segmenter: a :class:`naclip.Segmenter` whose method has ``attention(state)`` (proxyclip, cass).
         image: CLIP-normalized float image (3, H, W) or (1, 3, H, W).
-        patches: (row, col) positions of the query patches on the grid the attention lives on.
+        patches: (row, col) positions of the query patches on the grid the attention lives on, or on ``grid``.
+        grid: the (rows, cols) grid ``patches`` are given on (e.g. CLIP's, to set the map beside
+            :func:`attention_maps` of the same patches): each then queries the attention-grid cell holding its centre.
     """
     method = segmenter.method
     if not hasattr(method, "attention"):
@@ -154,6 +158,8 @@ def method_attention_maps(segmenter: nn.Module, image: Tensor, patches: Sequence
     state = segmenter.trunk(image.to(segmenter.classifier.device), wholes=list(image))
     out = method.attention(state)
     attn, (rows, cols) = out if isinstance(out, tuple) else (out[0].float().mean(dim=0)[None], state.grid)
+    if grid is not None:
+        patches = [(int((r + 0.5) * rows / grid[0]), int((c + 0.5) * cols / grid[1])) for r, c in patches]
     bad = [p for p in patches if not (0 <= p[0] < rows and 0 <= p[1] < cols)]
     if bad:
         raise ValueError(f"patches {bad} lie outside the {rows}x{cols} attention grid")

@@ -417,6 +417,9 @@ def test_method_attention_maps_draw_the_proxy_guided_attention(b32, tiny):
     np.testing.assert_allclose(maps[1].flatten().numpy(), want[3 * 4 + 2], rtol=1e-4, atol=1e-6)
     with pytest.raises(ValueError, match="outside"):
         method_attention_maps(seg, image, [(4, 0)])
+    # patches on CLIP's 2x2 grid query the proxy cell holding their centre: (1, 0) → centre (1.5, 0.5) → (3, 1)
+    on_clip_grid = method_attention_maps(seg, image, [(1, 0), (0, 1)], grid=(2, 2))
+    torch.testing.assert_close(on_clip_grid, method_attention_maps(seg, image, [(3, 1), (1, 3)]), rtol=0, atol=0)
 
 
 # ---------------------------------------------------------------- torchrun

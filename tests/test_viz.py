@@ -13,7 +13,15 @@ import torch
 from PIL import Image
 
 from naclip.attention import attend, attention_weights, gaussian_prior, get_attention
-from naclip.viz import attention_maps, image_grid, mark_random_weights, overlay, palette_png, plot_attention
+from naclip.viz import (
+    RANDOM_WEIGHTS_NOTE,
+    attention_maps,
+    image_grid,
+    mark_random_weights,
+    overlay,
+    palette_png,
+    plot_attention,
+)
 
 ROWS, COLS = 5, 6  # patch grid of a 160x192 image with ViT-B/32
 PATCHES = [(0, 0), (2, 3), (4, 5)]
@@ -319,3 +327,43 @@ def test_figures_on_a_one_image_dataset_count_one_image_and_mark_random_weights(
         pixels = np.asarray(Image.open(tmp_path / name).convert("RGB"))
         top = pixels[: max(8, pixels.shape[0] // 12)]  # the line above the panels' titles
         assert _red(top).sum() > 30, name
+
+
+@pytest.mark.slow
+def test_figures_with_a_proxy_method_add_its_column_and_its_attention(tmp_path, monkeypatch, capsys, b32):
+    """`method=proxyclip` adds a ProxyCLIP column to the grid and its proxy-guided attention (on the proxy's finer
+    grid) to each attention figure; real CLIP weights with a random proxy still say RANDOM WEIGHTS."""
+    from naclip import figures
+
+    monkeypatch.setattr(figures, "load_clip", lambda *args, **kwargs: b32)  # stands in for real CLIP weights
+    drawn: dict[str, list] = {"grid": [], "attention": []}
+
+    def spy(kind, draw):
+        def record(*args, **kwargs):
+            drawn[kind].append((args, kwargs))
+            return draw(*args, **kwargs)
+
+        return record
+
+    monkeypatch.setattr(figures, "image_grid", spy("grid", figures.image_grid))
+    monkeypatch.setattr(figures, "plot_attention", spy("attention", figures.plot_attention))
+    argv = ["--dataset", "synthetic", "--backbone", "b32", "--pretrained", "openai", "--num-images", "1"]
+    overrides = [
+        "method=proxyclip",
+        "proxy.model=vit_small_patch16_224.dino",
+        "proxy.pretrained=null",
+        "proxyclip.beta=0.5",  # a random proxy's rows stay finite (see test_proxy)
+        "dataset.num_images=1",
+        "text_cache_dir=null",
+    ]
+    assert figures.main([*argv, "--out", str(tmp_path), *overrides]) == 0, capsys.readouterr().err
+    (rows, titles), grid_kwargs = drawn["grid"][0]
+    assert titles == ["image", "CLIP", "NACLIP", "proxyclip + vit_small_patch16_224.dino", "ground truth"]
+    assert len(rows[0]) == 5 and grid_kwargs["note"] == RANDOM_WEIGHTS_NOTE
+    (_image, maps, patches), attention_kwargs = drawn["attention"][0]
+    assert list(maps) == ["vanilla", "kk_sim", "full", "proxyclip + vit_small_patch16_224.dino"]
+    clip_grid, proxy_grid = maps["full"].shape[-2:], maps["proxyclip + vit_small_patch16_224.dino"].shape[-2:]
+    assert tuple(proxy_grid) == (2 * clip_grid[0], 2 * clip_grid[1])  # patch 16 vs CLIP's 32
+    proxy_map = maps["proxyclip + vit_small_patch16_224.dino"]
+    torch.testing.assert_close(proxy_map.sum(dim=(1, 2)), torch.ones(len(patches)))  # softmax rows: a distribution
+    assert attention_kwargs["note"] == RANDOM_WEIGHTS_NOTE

@@ -47,3 +47,44 @@ def run_readme_example(blocks: dict[str, str], root: Path) -> dict[str, Any]:
     run_python(argv[1:], root)
     (result_file,) = (root / "outputs").rglob("result.json")
     return json.loads(result_file.read_text())
+
+
+# A two-image sweep job on random weights; prob_thd near the median best-class probability of random weights, so σ,
+# attention and PAMR change the labels.
+SWEEP_SMOKE = [
+    "dataset=synthetic",
+    "backbone=b32",
+    "backbone.pretrained=null",
+    "num_workers=0",
+    "dataset.num_images=2",
+    "dataset.prob_thd=0.215",
+]
+# result.json keys that differ between two runs of the same job: clocks and memory.
+TIMING = {
+    "seconds_eval",
+    "seconds_model_load",
+    "seconds_text_classifier",
+    "images_per_sec",
+    "peak_memory_mb",
+    "finished_at",
+}
+
+
+def sweep_cli(args: list[str], out: Path, cache: Path, **extra_env: str) -> subprocess.CompletedProcess[str]:
+    """`python -m naclip.run -m <args>` with outputs under `out` and the text cache in `cache`; any exit code."""
+    env = {**os.environ, "NACLIP_OUTPUT": str(out), "NACLIP_CACHE": str(cache), "WANDB_MODE": "offline", **extra_env}
+    return subprocess.run(
+        [sys.executable, "-m", "naclip.run", "-m", *args], capture_output=True, text=True, env=env, check=False
+    )
+
+
+def sweep_results(out: Path) -> dict[str, dict]:
+    """The result.json of each job of the sweeps under `out`, by job folder name."""
+    return {p.parent.name: json.loads(p.read_text()) for p in (out / "sweeps").rglob("result.json")}
+
+
+def comparable(result: dict) -> dict:
+    """A result without its timing fields and output root (each launcher wrote under its own root)."""
+    out = {k: v for k, v in result.items() if k not in TIMING}
+    out["config"] = {k: v for k, v in result["config"].items() if k != "output_root"}
+    return out

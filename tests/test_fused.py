@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import subprocess
 import sys
@@ -14,6 +13,7 @@ import pytest
 import torch
 from composing import compose_config, evaluate_job
 from hydra.core.global_hydra import GlobalHydra
+from processes import SWEEP_SMOKE, comparable, sweep_cli, sweep_results
 
 from naclip import DenseEncoder, FusedSegmenter, Segmenter, slide_windows
 from naclip import config as naclip_config
@@ -22,23 +22,6 @@ from naclip.methods import LastBlock
 CONF = Path(naclip_config.config_dir())
 NAMES = ["black background", "red circle", "green square", "blue triangle"]
 ONE_TEMPLATE = ("a photo of a {}.",)
-# prob_thd near the median best-class probability of random weights, so σ, attention and PAMR change the labels
-SMOKE = [
-    "dataset=synthetic",
-    "backbone=b32",
-    "backbone.pretrained=null",
-    "num_workers=0",
-    "dataset.num_images=2",
-    "dataset.prob_thd=0.215",
-]
-TIMING = {
-    "seconds_eval",
-    "seconds_model_load",
-    "seconds_text_classifier",
-    "images_per_sec",
-    "peak_memory_mb",
-    "finished_at",
-}
 VARIANTS = [
     {"sigma": 2.0},
     {"sigma": 6.0},
@@ -223,7 +206,7 @@ def test_grouping_by_shared_work():
         ["attention.sigma=3", "dataset.short_side=128"],  # 10: with 5
         ["dataset.slide_stride=48"],  # 11: the same crop size, other windows
     ]
-    cfgs = [compose_config([*SMOKE, *o]) for o in jobs]
+    cfgs = [compose_config([*SWEEP_SMOKE, *o]) for o in jobs]
     assert group_jobs(cfgs) == [[0, 1, 2], [3], [4], [5, 10], [6], [7], [8], [9], [11]]
 
 
@@ -231,9 +214,9 @@ def test_group_evaluation_equals_each_job_alone(tmp_path):
     from naclip.sweep import evaluate_group
 
     sweep = [["attention.sigma=2"], ["attention.sigma=8"], ["attention=kk_sim", "arch=vanilla"], ["refine=pamr"]]
-    alone = [evaluate_job([*SMOKE, *o], tmp_path / str(i)) for i, o in enumerate(sweep)]
+    alone = [evaluate_job([*SWEEP_SMOKE, *o], tmp_path / str(i)) for i, o in enumerate(sweep)]
     assert len({r["miou"] for r in alone}) > 1  # the jobs' numbers differ, so a mixed-up head would show
-    done = evaluate_group([compose_config([*SMOKE, *o]) for o in sweep])
+    done = evaluate_group([compose_config([*SWEEP_SMOKE, *o]) for o in sweep])
     for want, got in zip(alone, done.outcomes, strict=True):
         assert got.error is None
         assert got.scores["miou"] == want["miou"]
@@ -246,8 +229,8 @@ def test_a_job_whose_segmenter_cannot_be_built_fails_alone(tmp_path):
     from naclip.sweep import evaluate_group
 
     broken = ["refine=pamr", "refine.dilations=[]"]
-    cfgs = [compose_config([*SMOKE, "attention.sigma=2"]), compose_config([*SMOKE, *broken])]
-    want = evaluate_job([*SMOKE, "attention.sigma=2"], tmp_path / "a")
+    cfgs = [compose_config([*SWEEP_SMOKE, "attention.sigma=2"]), compose_config([*SWEEP_SMOKE, *broken])]
+    want = evaluate_job([*SWEEP_SMOKE, "attention.sigma=2"], tmp_path / "a")
     done = evaluate_group(cfgs)
     assert done.outcomes[0].scores["miou"] == want["miou"]
     assert isinstance(done.outcomes[1].error, ValueError) and done.outcomes[1].scores is None
@@ -293,38 +276,21 @@ def test_fused_sweep_records_each_job_once_and_only_its_own_sweep(tmp_path, monk
                 found[sigma] = status["status"]
         return found
 
-    sweep_in_process(monkeypatch, [*SMOKE, "max_images=1", "attention.sigma=2,6", "hydra/launcher=fused"])
+    sweep_in_process(monkeypatch, [*SWEEP_SMOKE, "max_images=1", "attention.sigma=2,6", "hydra/launcher=fused"])
     assert (alone, groups, built) == ([], [2], [2.0, 6.0])  # one pass for both, neither job run again alone
     assert statuses() == {2.0: "finished", 6.0: "finished"}
     texts = {
-        r["config"]["attention"]["sigma"]: r["seconds_text_classifier"] for r in results(tmp_path / "outputs").values()
+        r["config"]["attention"]["sigma"]: r["seconds_text_classifier"]
+        for r in sweep_results(tmp_path / "outputs").values()
     }
     assert texts == {2.0: 101.0, 6.0: 102.0}
     assert "sweep summary: 2 finished, 0 skipped, 0 failed" in capsys.readouterr().out
 
-    sweep_in_process(monkeypatch, [*SMOKE, "max_images=1", "attention.sigma=2,6,9", "hydra/launcher=fused"])
+    sweep_in_process(monkeypatch, [*SWEEP_SMOKE, "max_images=1", "attention.sigma=2,6,9", "hydra/launcher=fused"])
     assert sorted(alone) == [2.0, 6.0, 9.0] and groups == [2]  # the two finished jobs reused, the new one alone
     assert statuses() == {2.0: "skipped", 6.0: "skipped", 9.0: "finished"}
     out = capsys.readouterr().out
     assert "sweep summary: 1 finished, 2 skipped, 0 failed" in out and "stale" not in out
-
-
-def cli(args: list[str], out: Path, cache: Path, **extra_env: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "NACLIP_OUTPUT": str(out), "NACLIP_CACHE": str(cache), "WANDB_MODE": "offline", **extra_env}
-    return subprocess.run(
-        [sys.executable, "-m", "naclip.run", "-m", *args], capture_output=True, text=True, env=env, check=False
-    )
-
-
-def comparable(result: dict) -> dict:
-    """A result without its timing fields and output root (each launcher wrote under its own root)."""
-    out = {k: v for k, v in result.items() if k not in TIMING}
-    out["config"] = {k: v for k, v in result["config"].items() if k != "output_root"}
-    return out
-
-
-def results(out: Path) -> dict[str, dict]:
-    return {p.parent.name: json.loads(p.read_text()) for p in (out / "sweeps").rglob("result.json")}
 
 
 @pytest.mark.slow
@@ -338,11 +304,11 @@ def results(out: Path) -> dict[str, dict]:
     ids=["sigma", "attention-x-arch", "refine"],
 )
 def test_fused_launcher_writes_what_the_basic_launcher_writes(tmp_path, cache, sweep):
-    basic = cli([*SMOKE, *sweep], tmp_path / "basic", cache)
-    fused = cli([*SMOKE, *sweep, "hydra/launcher=fused"], tmp_path / "fused", cache)
+    basic = sweep_cli([*SWEEP_SMOKE, *sweep], tmp_path / "basic", cache)
+    fused = sweep_cli([*SWEEP_SMOKE, *sweep, "hydra/launcher=fused"], tmp_path / "fused", cache)
     assert basic.returncode == 0, basic.stderr[-3000:]
     assert fused.returncode == 0, fused.stderr[-3000:]
-    want, got = results(tmp_path / "basic"), results(tmp_path / "fused")
+    want, got = sweep_results(tmp_path / "basic"), sweep_results(tmp_path / "fused")
     jobs = math.prod(len(s.split("=", 1)[1].split(",")) for s in sweep)
     assert len(want) == jobs and set(got) == set(want)
     assert len({r["miou"] for r in want.values()}) > 1
@@ -361,27 +327,27 @@ def error_lines(proc: subprocess.CompletedProcess) -> list[str]:
 @pytest.mark.slow
 def test_fused_launcher_failure_skip_and_force(tmp_path, cache):
     out = tmp_path / "fused"
-    first = cli([*SMOKE, "attention.sigma=2,-1,6", "hydra/launcher=fused"], out, cache)
-    alone = cli([*SMOKE, "attention.sigma=-1"], tmp_path / "basic", cache)
+    first = sweep_cli([*SWEEP_SMOKE, "attention.sigma=2,-1,6", "hydra/launcher=fused"], out, cache)
+    alone = sweep_cli([*SWEEP_SMOKE, "attention.sigma=-1"], tmp_path / "basic", cache)
     assert first.returncode == alone.returncode == 1  # a sweep with a failed job, under either launcher
     # the job's own line, then the summary's count: the same job line as the basic launcher prints
     assert len(error_lines(first)) == len(error_lines(alone)) == 2 and error_lines(first)[0] == error_lines(alone)[0]
     assert "sigma" in error_lines(alone)[0] and "Traceback" not in first.stderr
     assert "sweep summary: 2 finished, 0 skipped, 1 failed" in first.stdout
-    done = results(out)
+    done = sweep_results(out)
     assert sorted(r["config"]["attention"]["sigma"] for r in done.values()) == [2.0, 6.0]
     failed = [p for p in (out / "sweeps" / "default").iterdir() if "sigma=-1" in p.name]
     assert len(failed) == 1 and not (failed[0] / "result.json").exists()
     assert json.loads((failed[0] / "status.json").read_text())["status"] == "failed"
 
-    again = cli([*SMOKE, "attention.sigma=2,6", "hydra/launcher=fused"], out, cache)
+    again = sweep_cli([*SWEEP_SMOKE, "attention.sigma=2,6", "hydra/launcher=fused"], out, cache)
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stdout.count("skipped (finished result in") == 2
-    assert results(out) == done
+    assert sweep_results(out) == done
 
-    forced = cli([*SMOKE, "attention.sigma=2,6", "force=true", "hydra/launcher=fused"], out, cache)
+    forced = sweep_cli([*SWEEP_SMOKE, "attention.sigma=2,6", "force=true", "hydra/launcher=fused"], out, cache)
     assert forced.returncode == 0, forced.stderr[-3000:]
-    redone = results(out)
+    redone = sweep_results(out)
     assert set(redone) == set(done)
     for name, result in redone.items():
         assert result["miou"] == done[name]["miou"]
@@ -391,12 +357,12 @@ def test_fused_launcher_failure_skip_and_force(tmp_path, cache):
 @pytest.mark.slow
 def test_fused_launcher_runs_a_finished_jobs_partner_alone(tmp_path, cache):
     out = tmp_path / "fused"
-    assert cli([*SMOKE, "attention.sigma=2"], out, cache).returncode == 0
-    proc = cli([*SMOKE, "attention.sigma=2,6", "hydra/launcher=fused"], out, cache)
+    assert sweep_cli([*SWEEP_SMOKE, "attention.sigma=2"], out, cache).returncode == 0
+    proc = sweep_cli([*SWEEP_SMOKE, "attention.sigma=2,6", "hydra/launcher=fused"], out, cache)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("skipped (finished result in") == 1
     assert "fused pass" not in proc.stderr + proc.stdout  # one job left to run: it runs alone
-    assert len(results(out)) == 2
+    assert len(sweep_results(out)) == 2
 
 
 @pytest.mark.slow

@@ -6,10 +6,8 @@ collects; the slow ones run real sweeps and compare them with ``hydra/launcher=f
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -20,28 +18,13 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.types import HydraContext
 from hydra.utils import instantiate
+from processes import SWEEP_SMOKE, comparable, sweep_cli, sweep_results
 from submitit.core.utils import UncompletedJobError
 
 from naclip import config as naclip_config
 from naclip import jobs
 
 CONF = Path(naclip_config.config_dir())
-SMOKE = [
-    "dataset=synthetic",
-    "backbone=b32",
-    "backbone.pretrained=null",
-    "num_workers=0",
-    "dataset.num_images=2",
-    "dataset.prob_thd=0.215",
-]
-TIMING = {
-    "seconds_eval",
-    "seconds_model_load",
-    "seconds_text_classifier",
-    "images_per_sec",
-    "peak_memory_mb",
-    "finished_at",
-}
 LOCAL = ["hydra/launcher=fused_submitit_local", "hydra.launcher.timeout_min=10", "hydra.launcher.cpus_per_task=1"]
 
 
@@ -90,13 +73,13 @@ def _launcher(overrides: list[str]) -> Any:
 
 def test_one_array_over_the_fused_groups_with_the_slurm_settings(slurm):
     sweep = [
-        [*SMOKE, "attention.sigma=2"],  # 0: group A
-        [*SMOKE, "attention.sigma=6", "refine=pamr"],  # 1: group A (heads only)
-        [*SMOKE, "backbone=b16"],  # 2: alone (another backbone)
-        [*SMOKE, "attention.sigma=-1"],  # 3: invalid: alone, fails as under the plain launcher
-        [*SMOKE, "attention=kk_sim", "arch=vanilla"],  # 4: group A
-        [*SMOKE, "max_images=1", "attention.sigma=2"],  # 5: group B (other images)
-        [*SMOKE, "max_images=1", "attention.sigma=6"],  # 6: group B
+        [*SWEEP_SMOKE, "attention.sigma=2"],  # 0: group A
+        [*SWEEP_SMOKE, "attention.sigma=6", "refine=pamr"],  # 1: group A (heads only)
+        [*SWEEP_SMOKE, "backbone=b16"],  # 2: alone (another backbone)
+        [*SWEEP_SMOKE, "attention.sigma=-1"],  # 3: invalid: alone, fails as under the plain launcher
+        [*SWEEP_SMOKE, "attention=kk_sim", "arch=vanilla"],  # 4: group A
+        [*SWEEP_SMOKE, "max_images=1", "attention.sigma=2"],  # 5: group B (other images)
+        [*SWEEP_SMOKE, "max_images=1", "attention.sigma=6"],  # 6: group B
     ]
     slurm["sizes"] = [3, 1, 1, 2]  # A, job 2, job 3, B: the order of their first job
     launcher = _launcher(["hydra.launcher.partition=gpu", "hydra.launcher.array_parallelism=3"])
@@ -119,10 +102,10 @@ def test_one_array_over_the_fused_groups_with_the_slurm_settings(slurm):
 
 def test_a_dead_group_job_leaves_its_unfinished_jobs_failed_and_rerunnable(slurm, monkeypatch, tmp_path):
     sweep = [
-        [*SMOKE, "attention.sigma=2"],
-        [*SMOKE, "attention.sigma=6"],
-        [*SMOKE, "attention.sigma=9"],
-        [*SMOKE, "backbone=b16"],
+        [*SWEEP_SMOKE, "attention.sigma=2"],
+        [*SWEEP_SMOKE, "attention.sigma=6"],
+        [*SWEEP_SMOKE, "attention.sigma=9"],
+        [*SWEEP_SMOKE, "backbone=b16"],
     ]
     slurm["sizes"], slurm["died"] = [3, 1], {0}
     monkeypatch.setenv(jobs.SWEEP_ENV, "this-sweep")
@@ -145,27 +128,6 @@ def test_a_dead_group_job_leaves_its_unfinished_jobs_failed_and_rerunnable(slurm
 
 
 # ----------------------------------------------------------------------------------------- real sweeps (slow)
-def cli(args: list[str], out: Path, cache: Path, **extra_env: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "NACLIP_OUTPUT": str(out), "NACLIP_CACHE": str(cache), "WANDB_MODE": "offline", **extra_env}
-    return subprocess.run(
-        [sys.executable, "-m", "naclip.run", "-m", *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        check=False,
-    )
-
-
-def results(out: Path) -> dict[str, dict]:
-    return {p.parent.name: json.loads(p.read_text()) for p in (out / "sweeps").rglob("result.json")}
-
-
-def comparable(result: dict) -> dict:
-    out = {k: v for k, v in result.items() if k not in TIMING}
-    out["config"] = {k: v for k, v in result["config"].items() if k != "output_root"}
-    return out
-
-
 def summary(proc: subprocess.CompletedProcess) -> list[str]:
     """The summary lines, without the job id the submitit launchers put in a dead job's reason."""
     lines = proc.stdout[proc.stdout.index("naclip.run: sweep summary") :].splitlines()
@@ -176,11 +138,11 @@ def summary(proc: subprocess.CompletedProcess) -> list[str]:
 def test_same_results_summary_and_exit_code_as_the_fused_launcher(tmp_path, cache):
     """Two groups on synthetic data and one on a dataset that is not there: the failing group leaves the others'
     results, and every job, summary line and exit code equals hydra/launcher=fused's, results bit for bit."""
-    sweep = [*SMOKE, "attention.sigma=2,6", "refine=none,pamr", "dataset=synthetic,ade"]
-    local = cli([*sweep, "hydra/launcher=fused"], tmp_path / "local", cache)
-    cluster = cli([*sweep, *LOCAL], tmp_path / "cluster", cache)
+    sweep = [*SWEEP_SMOKE, "attention.sigma=2,6", "refine=none,pamr", "dataset=synthetic,ade"]
+    local = sweep_cli([*sweep, "hydra/launcher=fused"], tmp_path / "local", cache)
+    cluster = sweep_cli([*sweep, *LOCAL], tmp_path / "cluster", cache)
     assert local.returncode == cluster.returncode == 1, cluster.stderr[-3000:]
-    want, got = results(tmp_path / "local"), results(tmp_path / "cluster")
+    want, got = sweep_results(tmp_path / "local"), sweep_results(tmp_path / "cluster")
     assert len(want) == 4 and set(got) == set(want)
     assert len({r["miou"] for r in want.values()}) > 1
     for name, result in want.items():
@@ -218,9 +180,9 @@ class KillAt(Callback):
 def test_a_killed_group_job_reruns_only_its_unfinished_jobs(tmp_path, cache):
     (tmp_path / "plugins").mkdir()
     (tmp_path / "plugins" / "killer.py").write_text(KILLER)
-    sweep = [*SMOKE, "attention.sigma=2,4,6", *LOCAL]
+    sweep = [*SWEEP_SMOKE, "attention.sigma=2,4,6", *LOCAL]
     out = tmp_path / "out"
-    killed = cli(
+    killed = sweep_cli(
         [*sweep, "+hydra.callbacks.killer._target_=killer.KillAt", "+hydra.callbacks.killer.sigma=4"],
         out,
         cache,
@@ -229,19 +191,20 @@ def test_a_killed_group_job_reruns_only_its_unfinished_jobs(tmp_path, cache):
     assert killed.returncode == 1, killed.stderr[-3000:]
     assert summary(killed)[0] == "naclip.run: sweep summary: 1 finished, 0 skipped, 2 failed"
     assert "re-submitting the sweep re-runs it" in killed.stdout  # logged by the launcher
-    first = results(out)
+    first = sweep_results(out)
     assert [r["config"]["attention"]["sigma"] for r in first.values()] == [2.0]
 
-    again = cli(sweep, out, cache)
+    again = sweep_cli(sweep, out, cache)
     assert again.returncode == 0, again.stderr[-3000:]
     assert summary(again)[0] == "naclip.run: sweep summary: 2 finished, 1 skipped, 0 failed"
     assert "Submitting 2 jobs for 3 configs" in again.stdout  # the finished job alone, the other two fused
-    done = results(out)
+    done = sweep_results(out)
     assert sorted(r["config"]["attention"]["sigma"] for r in done.values()) == [2.0, 4.0, 6.0]
     (name,) = first
     assert done[name] == first[name]  # untouched
-    assert cli([*SMOKE, "attention.sigma=4,6", "hydra/launcher=fused"], tmp_path / "local", cache).returncode == 0
-    want = results(tmp_path / "local")
+    fused = sweep_cli([*SWEEP_SMOKE, "attention.sigma=4,6", "hydra/launcher=fused"], tmp_path / "local", cache)
+    assert fused.returncode == 0
+    want = sweep_results(tmp_path / "local")
     for name, result in want.items():
         assert comparable(done[name]) == comparable(result), name
 
@@ -249,11 +212,11 @@ def test_a_killed_group_job_reruns_only_its_unfinished_jobs(tmp_path, cache):
 @pytest.mark.slow
 def test_a_group_with_two_tasks_is_one_distributed_pass(tmp_path, cache):
     """tasks_per_node=2: the group's one job shards its pass over two ranks (gloo), with one process's numbers."""
-    sweep = [*SMOKE, "dataset.num_images=3", "batch_size=1", "attention.sigma=2,6"]
-    local = cli([*sweep, "hydra/launcher=fused"], tmp_path / "local", cache)
-    ranks = cli([*sweep, *LOCAL, "hydra.launcher.tasks_per_node=2"], tmp_path / "ranks", cache)
+    sweep = [*SWEEP_SMOKE, "dataset.num_images=3", "batch_size=1", "attention.sigma=2,6"]
+    local = sweep_cli([*sweep, "hydra/launcher=fused"], tmp_path / "local", cache)
+    ranks = sweep_cli([*sweep, *LOCAL, "hydra.launcher.tasks_per_node=2"], tmp_path / "ranks", cache)
     assert local.returncode == ranks.returncode == 0, ranks.stderr[-3000:]
-    want, got = results(tmp_path / "local"), results(tmp_path / "ranks")
+    want, got = sweep_results(tmp_path / "local"), sweep_results(tmp_path / "ranks")
     assert len(want) == 2 and set(got) == set(want)
     for name, result in want.items():
         assert (got[name]["world_size"], result["world_size"]) == (2, 1)

@@ -123,12 +123,13 @@ def make_figures(cfg: DictConfig, num_images: int, patches_per_image: int, out: 
         "CLIP": Segmenter(model, dataset.class_names, attention="vanilla", arch="vanilla", **common),
         "NACLIP": Segmenter(model, dataset.class_names, attention="full", arch="reduced", sigma=sigma, **common),
     }
-    if config.method_spec(cfg)[0] is not None:  # a registered method: one more column (and its own attention)
-        extra, _, _ = config.build_segmenter(cfg, dataset.class_names, cfg.dataset, device, model=model)
-        methods[method_title(cfg)] = extra
+    extra: dict[str, Segmenter] = {}  # a registered method: one more column (and its own attention, if it has one)
+    if config.method_spec(cfg)[0] is not None:
+        extra[method_title(cfg)] = config.build_segmenter(cfg, dataset.class_names, cfg.dataset, device, model=model)[0]
+    methods.update(extra)
     for segmenter in methods.values():
         segmenter.to(device)
-    titles = [*GRID_TITLES[:-1], *list(methods)[2:], GRID_TITLES[-1]]
+    titles = [*GRID_TITLES[:-1], *extra, GRID_TITLES[-1]]
     names = dataset.display_names
     skip = {dataset.ignore_index} | ({dataset.background_index} if dataset.background_index is not None else set())
     patch = methods["NACLIP"].encoder.patch_size
@@ -156,7 +157,7 @@ def make_figures(cfg: DictConfig, num_images: int, patches_per_image: int, out: 
         grid = (image.shape[-2] // patch[0], image.shape[-1] // patch[1])
         patches = pick_patches(label, grid, skip, patches_per_image)
         maps = attention_maps(model, x, patches, variants=ATTENTION_VARIANTS, arch="reduced", sigma=sigma)
-        for title, segmenter in list(methods.items())[2:]:
+        for title, segmenter in extra.items():
             if hasattr(segmenter.method, "attention"):
                 maps[title] = method_attention_maps(segmenter, x, patches, grid=grid)
         path = out / f"attention_{len(rows) - 1:02d}_{sample['name']}.png"

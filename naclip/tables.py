@@ -465,10 +465,11 @@ def _method_options(
 
     from omegaconf import OmegaConf
 
-    from naclip.config import MethodConfig, config_dir
+    from naclip.config import MethodConfig
 
+    # a config group's node (backbone, proxy, ...) has no default factory; a method's option node has one
     node = next((f for f in fields(MethodConfig) if f.name == method), None)
-    if node is None or (Path(config_dir()) / method).is_dir() or not callable(node.default_factory):
+    if node is None or not callable(node.default_factory):
         return None
     preset = (_shipped("method", method) or {}).get(method) or {}
     merged = {**asdict(node.default_factory()), **preset, **(protocol_values or {})}
